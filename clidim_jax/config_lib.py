@@ -1,0 +1,166 @@
+"""Config skeleton shared by the presets in configs/, the ablation variants, and config checks."""
+
+from __future__ import annotations
+
+import ml_collections
+
+# The five ablations of the paper's Table I, as loss weights on top of a preset.
+# "baseline" is plain pix2pix (GAN + L1); the others add TV, SSIM, the contrastive
+# D regulariser, or all three.
+VARIANTS: dict[str, dict[str, float]] = {
+    "baseline": dict(ssim=0.0, tv=0.0, contrastive=0.0),
+    "tv": dict(ssim=0.0, tv=1e-4, contrastive=0.0),
+    "ssim": dict(ssim=10.0, tv=0.0, contrastive=0.0),
+    "cl": dict(ssim=0.0, tv=0.0, contrastive=1.0),
+    "cl_tv_ssim": dict(ssim=10.0, tv=1e-4, contrastive=1.0),
+}
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+    """Parses a big_vision style config argument `key=value,key2=value2` (or a bare variant)."""
+    out: dict[str, str] = {}
+    if not arg:
+        return out
+    for item in arg.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if "=" in item:
+            k, v = item.split("=", 1)
+            out[k.strip()] = v.strip()
+        else:
+            out["variant"] = item
+    return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field any preset may set; presets change values, never add fields."""
+    c = ml_collections.ConfigDict()
+    c.name = "base"
+    c.variant = "cl_tv_ssim"
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.depth = 8  # U-Net levels; unet_256 = 8, unet_128 = 7
+    c.model.ngf = 64
+    c.model.ndf = 64
+    c.model.d_layers = 3  # 70x70 PatchGAN
+    c.model.norm = "batch"  # batch | instance | none
+    c.model.dropout = True
+    c.model.compute_dtype = "float32"  # float32 | bfloat16 (convolutions only)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "demo"  # demo | stack
+    c.data.path = ""  # TIFF stack for source=stack
+    c.data.test_fraction = 0.5  # stack: left part (columns) held out for testing
+    c.data.patch_size = 256
+    c.data.normalization = "percentile"  # percentile (leak-free, stored) | reference
+    c.data.percentiles = (0.1, 99.9)  # of the noisy training images
+    c.data.augment = True  # random hflip + rot90 of training crops
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 128
+    c.train.n_epochs = 500  # constant learning rate
+    c.train.n_epochs_decay = 300  # then linear decay to lr / (n_epochs_decay + 1)
+    c.train.steps_per_epoch = 0  # 0: ceil(n_train_images / batch_size), as the reference
+    c.train.lr = 2e-4
+    c.train.b1 = 0.5
+    c.train.b2 = 0.999
+    c.train.log_every = 50
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.gan = 1.0
+    c.loss.l1 = 100.0
+    c.loss.ssim = 10.0
+    c.loss.tv = 1e-4
+    c.loss.contrastive = 1.0
+    c.loss.contrastive_loss = "infonce"  # infonce (reference code) | ntxent (paper text)
+    c.loss.tau = 0.1
+    c.loss.head_trainable = False  # the reference never trains its projection head
+    c.loss.head_features = 128
+    c.loss.blur_p = 0.1
+    c.loss.crop_scale = (0.08, 1.0)
+    c.loss.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 4  # images per inference call
+    c.eval.baseline_sigmas = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
+    return c
+
+
+def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(VARIANTS)}")
+    c.variant = variant
+    for k, v in VARIANTS[variant].items():
+        c.loss[k] = v
+    return c
+
+
+def apply_args(c: ml_collections.ConfigDict, arg: str | None, allowed: tuple[str, ...]) -> None:
+    """Applies the `PATH:key=value` arguments a preset accepts (`variant` always)."""
+    args = parse_arg(arg)
+    variant = args.pop("variant", None)
+    if variant is not None:
+        apply_variant(c, variant)
+    for k, v in args.items():
+        if k not in allowed:
+            raise ValueError(
+                f"unknown config argument {k!r}; this preset accepts variant, {', '.join(allowed)}"
+            )
+        if k == "dataset":
+            c.data.source = v
+        elif k == "n_samples":
+            c.data.n_samples = int(v)
+        elif k == "seed":
+            c.seed = int(v)
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value, reported as one message naming the field."""
+
+
+_CHOICES = {
+    "model.norm": ("batch", "instance", "none"),
+    "model.compute_dtype": ("float32", "bfloat16"),
+    "data.source": ("demo", "stack"),
+    "data.normalization": ("percentile", "reference"),
+    "loss.contrastive_loss": ("infonce", "ntxent"),
+}
+
+
+def _get(c: ml_collections.ConfigDict, path: str):
+    for part in path.split("."):
+        c = c[part]
+    return c
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Checks values (names are already checked: configs are locked)."""
+    for path, choices in _CHOICES.items():
+        v = _get(c, path)
+        if v not in choices:
+            raise ConfigError(f"config.{path}={v!r} is not one of {', '.join(choices)}")
+    p, depth = c.data.patch_size, c.model.depth
+    if depth < 2:
+        raise ConfigError(f"config.model.depth={depth} must be at least 2")
+    if p % (2**depth):
+        raise ConfigError(
+            f"config.data.patch_size={p} must be divisible by 2**model.depth = {2**depth}"
+        )
+    if p // 2**c.model.d_layers < 3:
+        raise ConfigError(
+            f"config.data.patch_size={p} is too small for a PatchGAN with {c.model.d_layers} layers"
+        )
+    for path in ("train.batch_size", "train.log_every", "model.ngf", "model.ndf"):
+        if _get(c, path) < 1:
+            raise ConfigError(f"config.{path}={_get(c, path)} must be at least 1")
+    if c.train.n_epochs < 0 or c.train.n_epochs_decay < 0:
+        raise ConfigError("config.train.n_epochs and n_epochs_decay must be >= 0")
+    if c.train.n_epochs + c.train.n_epochs_decay < 1:
+        raise ConfigError("config.train.n_epochs + n_epochs_decay must be at least 1")
+    for path in ("loss.gan", "loss.l1", "loss.ssim", "loss.tv", "loss.contrastive"):
+        if _get(c, path) < 0:
+            raise ConfigError(f"config.{path}={_get(c, path)} must be >= 0 (0 switches it off)")
+    if not 0.0 <= c.loss.blur_p <= 1.0:
+        raise ConfigError(f"config.loss.blur_p={c.loss.blur_p} must be in [0, 1]")

@@ -1,0 +1,111 @@
+"""The pix2pix U-Net generator (`unet_256` for depth 8, `unet_128` for depth 7) in NHWC."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from clidim_jax.models.layers import (
+    ConvTranspose4x4,
+    check_norm,
+    make_norm,
+    norm_uses_bias,
+    normal_init,
+)
+
+Array = jax.Array
+Dtype = Any
+
+
+def level_channels(ngf: int, level: int) -> int:
+    """Channels of U-Net level `level` (0 = outermost): ngf * min(2**level, 8)."""
+    return ngf * min(2**level, 8)
+
+
+class UNetGenerator(nn.Module):
+    """pix2pix `UnetGenerator`: `depth` levels of 4x4 stride-2 convs with skip connections.
+
+    Level i (0 = outermost) maps C_{i-1} -> C_i = ngf * min(2**i, 8) channels (C_{-1} = input):
+      down: [LeakyReLU(0.2) unless i == 0] -> Conv 4x4 s2 p1 -> [norm unless i is 0 or innermost]
+      up:   ReLU -> ConvTranspose 4x4 s2 p1 -> norm [-> Dropout(0.5)], then concat(skip, up) for
+            i > 0; the outermost up is ReLU -> ConvTranspose (bias) -> tanh, with no concat.
+    Dropout is on levels 4 .. depth-2, pix2pix's `num_downs - 5` blocks next to the innermost.
+
+    pix2pix's in-place `nn.LeakyReLU(0.2, True)` overwrites a block's input before
+    `torch.cat([x, model(x)])` reads it, so its skips carry LeakyReLU(input), not the input. The
+    concat is always followed by the parent level's up-path ReLU and relu(leaky_relu(z)) ==
+    relu(z) (derivative included), so passing the raw input, as here, computes the same function.
+
+    Parameters are float32; the computation runs in `dtype`; the output is float32 in [-1, 1].
+    Input: NHWC with any channel count; H and W must be divisible by 2**depth.
+    """
+
+    depth: int = 8
+    ngf: int = 64
+    out_channels: int = 1
+    norm: str = "batch"
+    use_dropout: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool) -> Array:
+        check_norm(self.norm)
+        if self.depth < 1:
+            raise ValueError(f"depth must be >= 1, got {self.depth}")
+        if x.ndim != 4:
+            raise ValueError(f"expected NHWC input, got shape {x.shape}")
+        factor = 2**self.depth
+        h, w = x.shape[1], x.shape[2]
+        if h % factor or w % factor:
+            raise ValueError(
+                f"input size {h}x{w} is not divisible by 2**depth = {factor} (depth {self.depth});"
+                " pad the image or choose a smaller depth"
+            )
+        inner = self.depth - 1
+        bias = norm_uses_bias(self.norm)
+
+        def conv(i: int) -> nn.Conv:
+            return nn.Conv(
+                level_channels(self.ngf, i),
+                (4, 4),
+                strides=(2, 2),
+                padding=((1, 1), (1, 1)),
+                use_bias=bias,
+                kernel_init=normal_init(0.02),
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                name=f"down{i}",
+            )
+
+        y = x.astype(self.dtype)
+        skips: list[Array] = []
+        for i in range(self.depth):
+            if i > 0:
+                skips.append(y)
+                y = nn.leaky_relu(y, 0.2)
+            y = conv(i)(y)
+            if 0 < i < inner:
+                norm = make_norm(self.norm, train=train, dtype=self.dtype, name=f"down{i}_norm")
+                if norm is not None:
+                    y = norm(y)
+
+        for i in reversed(range(self.depth)):
+            y = nn.relu(y)
+            if i == 0:
+                y = ConvTranspose4x4(
+                    self.out_channels, use_bias=True, dtype=self.dtype, name="up0"
+                )(y)
+                return jnp.tanh(y).astype(jnp.float32)
+            y = ConvTranspose4x4(
+                level_channels(self.ngf, i - 1), use_bias=bias, dtype=self.dtype, name=f"up{i}"
+            )(y)
+            norm = make_norm(self.norm, train=train, dtype=self.dtype, name=f"up{i}_norm")
+            if norm is not None:
+                y = norm(y)
+            if self.use_dropout and 4 <= i <= self.depth - 2:
+                y = nn.Dropout(0.5, deterministic=not train, name=f"up{i}_dropout")(y)
+            y = jnp.concatenate([skips[i - 1], y], axis=-1)
+        raise AssertionError("unreachable")

@@ -1,0 +1,196 @@
+"""The one CLIDiM train step: contrastive D step, GAN D step, G step (METHOD.md section 5).
+
+`make_train_step` returns a pure function `(state, batch, key) -> (state, metrics)`; everything it
+does (views, blur, crops, the three updates) is one XLA program under `jax.jit`. Each loss term is
+compiled in only when its weight is non-zero.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from clidim_jax import augment, losses
+from clidim_jax.state import Networks, TrainState, linear_policy
+
+Batch = dict[str, jax.Array]  # "noisy", "clean": (B, H, W, 1) float32 in [-1, 1]
+Metrics = dict[str, jax.Array]
+
+
+def _adam_step(tx, grads, opt_state, params, lr):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, jax.tree.map(lambda u: -lr * u, updates))
+    return params, opt_state
+
+
+def make_train_step(
+    config: ml_collections.ConfigDict, nets: Networks, steps_per_epoch: int
+) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
+    w = config.loss
+    schedule = linear_policy(
+        config.train.lr, config.train.n_epochs, config.train.n_epochs_decay, steps_per_epoch
+    )
+    G, D, H = nets.generator, nets.discriminator, nets.head
+    contrastive_fn = {"infonce": losses.infonce_loss, "ntxent": losses.ntxent_loss}[
+        w.contrastive_loss
+    ]
+    use_cl = w.contrastive > 0
+    train_head = use_cl and w.head_trainable
+
+    def d_apply(d_params, d_bs, x):
+        """D in train mode: batch statistics of this call, running statistics updated."""
+        logits, upd = D.apply(
+            {"params": d_params, "batch_stats": d_bs}, x, train=True, mutable=["batch_stats"]
+        )
+        return logits, upd["batch_stats"]
+
+    def contrastive_loss(d_params, head_params, d_bs, real_pairs, fake_pairs, key):
+        # The reference runs D four times, B samples each (fake q, fake k, real q, real k): each
+        # call has its own BN batch statistics and its own augmentation (and blur) draw.
+        keys = jax.random.split(key, 4)
+        feats = []
+        for k, pairs in zip(keys, (fake_pairs, fake_pairs, real_pairs, real_pairs)):
+            view = augment.contrastive_view(
+                k, pairs, blur_p=w.blur_p, scale=tuple(w.crop_scale), ratio=tuple(w.crop_ratio)
+            )
+            logits, d_bs = d_apply(d_params, d_bs, view)
+            flat = logits.reshape(logits.shape[0], -1).astype(jnp.float32)
+            feats.append(H.apply({"params": head_params}, flat))
+        q = jnp.concatenate([feats[0], feats[2]], axis=0)
+        k = jnp.concatenate([feats[1], feats[3]], axis=0)
+        return w.contrastive * contrastive_fn(q, k, w.tau), d_bs
+
+    def gan_d_loss(d_params, d_bs, noisy, clean, fake):
+        fake_logits, d_bs = d_apply(d_params, d_bs, jnp.concatenate([noisy, fake], -1))
+        real_logits, d_bs = d_apply(d_params, d_bs, jnp.concatenate([noisy, clean], -1))
+        loss = losses.gan_loss_d(real_logits.astype(jnp.float32), fake_logits.astype(jnp.float32))
+        aux = (d_bs, jax.nn.sigmoid(real_logits).mean(), jax.nn.sigmoid(fake_logits).mean())
+        return w.gan * loss, aux
+
+    def g_loss(fake, d_params, d_bs, noisy, clean):
+        terms = {}
+        if w.gan > 0:
+            logits, d_bs = d_apply(d_params, d_bs, jnp.concatenate([noisy, fake], -1))
+            terms["g_gan"] = losses.gan_loss_g(logits.astype(jnp.float32))
+        if w.l1 > 0:
+            terms["g_l1"] = losses.l1_loss(fake, clean)
+        if w.ssim > 0:
+            terms["g_ssim"] = losses.ssim_loss(fake, clean)
+        if w.tv > 0:
+            terms["g_tv"] = losses.tv_loss(fake)
+        weights = {"g_gan": w.gan, "g_l1": w.l1, "g_ssim": w.ssim, "g_tv": w.tv}
+        total = sum(weights[k] * v for k, v in terms.items())
+        return total, (terms, d_bs)
+
+    def train_step(state: TrainState, batch: Batch, key: jax.Array):
+        key = jax.random.fold_in(key, state.step)
+        k_drop, k_cl = jax.random.split(key)
+        lr = schedule(state.step)
+        noisy, clean = batch["noisy"], batch["clean"]
+
+        # 1. fake = G(noisy), train mode, once: its VJP serves the G step (as PyTorch's graph).
+        def g_forward(g_params):
+            out, upd = G.apply(
+                {"params": g_params, "batch_stats": state.g_batch_stats},
+                noisy,
+                train=True,
+                rngs={"dropout": k_drop},
+                mutable=["batch_stats"],
+            )
+            return out.astype(jnp.float32), upd["batch_stats"]
+
+        fake, g_vjp, g_bs = jax.vjp(g_forward, state.g_params, has_aux=True)
+        fake_sg = jax.lax.stop_gradient(fake)
+        d_params, d_bs, d_opt = state.d_params, state.d_batch_stats, state.d_opt_state
+        head_params, head_opt = state.head_params, state.head_opt_state
+        metrics: Metrics = {"lr": lr}
+
+        # 2. Contrastive D step (own Adam update of D, sharing D's optimizer state).
+        if use_cl:
+            real_pairs = jnp.concatenate([noisy, clean], -1)
+            fake_pairs = jnp.concatenate([noisy, fake_sg], -1)
+            grad_fn = jax.value_and_grad(contrastive_loss, argnums=(0, 1), has_aux=True)
+            (cl, d_bs), (gd, gh) = grad_fn(d_params, head_params, d_bs, real_pairs, fake_pairs, k_cl)
+            d_params, d_opt = _adam_step(nets.d_tx, gd, d_opt, d_params, lr)
+            if train_head:
+                head_params, head_opt = _adam_step(nets.head_tx, gh, head_opt, head_params, lr)
+            metrics["d_contrastive"] = cl / w.contrastive
+
+        # 3. GAN D step, with the D parameters from step 2.
+        if w.gan > 0:
+            grad_fn = jax.value_and_grad(gan_d_loss, has_aux=True)
+            (dl, (d_bs, p_real, p_fake)), gd = grad_fn(d_params, d_bs, noisy, clean, fake_sg)
+            d_params, d_opt = _adam_step(nets.d_tx, gd, d_opt, d_params, lr)
+            metrics.update(d_gan=dl / w.gan, d_real_prob=p_real, d_fake_prob=p_fake)
+
+        # 4. G step against the updated D (D in train mode: its BN statistics move, not its params).
+        (g_total, (terms, d_bs)), dfake = jax.value_and_grad(g_loss, has_aux=True)(
+            fake, d_params, d_bs, noisy, clean
+        )
+        (g_grads,) = g_vjp(dfake)
+        g_params, g_opt = _adam_step(nets.g_tx, g_grads, state.g_opt_state, state.g_params, lr)
+        metrics.update(terms)
+        metrics["g_total"] = g_total
+
+        new_state = state.replace(
+            step=state.step + 1,
+            g_params=g_params,
+            g_batch_stats=g_bs,
+            d_params=d_params,
+            d_batch_stats=d_bs,
+            head_params=head_params,
+            g_opt_state=g_opt,
+            d_opt_state=d_opt,
+            head_opt_state=head_opt,
+        )
+        return new_state, metrics
+
+    return train_step
+
+
+def normalize_batch(
+    noisy: jax.Array, clean: jax.Array, mode: str, low: float, high: float
+) -> Batch:
+    """Maps a batch in the data's units to [-1, 1].
+
+    percentile: the fixed, stored mapping from the noisy training images (deployable).
+    reference: one min and max over the whole batch of noisy and clean (the reference code).
+    """
+    if mode == "reference":
+        lo = jnp.minimum(noisy.min(), clean.min())
+        hi = jnp.maximum(noisy.max(), clean.max())
+        scale = 2.0 / jnp.maximum(hi - lo, 1e-12)
+    else:
+        lo, scale = low, 2.0 / (high - low)
+    return {"noisy": (noisy - lo) * scale - 1.0, "clean": (clean - lo) * scale - 1.0}
+
+
+def make_sampled_train_step(
+    config: ml_collections.ConfigDict, nets: Networks, steps_per_epoch: int, norm: Any
+) -> Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, Metrics]]:
+    """The train step with on-device batch sampling in front: `(state, data, key)`, where `data`
+    holds the training images ("noisy", "clean", "clean_index") resident on the device."""
+    from clidim_jax.data.sampling import sample_batch
+
+    step_fn = make_train_step(config, nets, steps_per_epoch)
+
+    def sampled_step(state, data, key):
+        k_data, k_step = jax.random.split(key)
+        noisy, clean = sample_batch(
+            k_data,
+            state.step,
+            data["noisy"],
+            data["clean"],
+            data["clean_index"],
+            batch_size=config.train.batch_size,
+            patch_size=config.data.patch_size,
+            augment=config.data.augment,
+        )
+        batch = normalize_batch(noisy, clean, config.data.normalization, norm.low, norm.high)
+        return step_fn(state, batch, k_step)
+
+    return sampled_step

@@ -1,0 +1,124 @@
+"""The fused train step: compiles once, never retraces, learns, and switches terms by weight."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from clidim_jax.state import build_networks, init_state, linear_policy
+from clidim_jax.step import make_train_step, normalize_batch
+
+
+def _one_pair_batch(batch_size=2, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    clean = 0.6 * np.sin(6 * xx) * np.cos(4 * yy)
+    noisy = clean + 0.3 * rng.standard_normal(clean.shape)
+    tile = lambda a: jnp.asarray(np.repeat(a[None, :, :, None], batch_size, 0), jnp.float32)  # noqa: E731
+    return {"noisy": tile(np.clip(noisy, -1, 1)), "clean": tile(clean)}
+
+
+def _setup(variant="cl_tv_ssim", **overrides):
+    c = tiny_config(variant)
+    for k, v in overrides.items():
+        sect, field = k.split(".")
+        c[sect][field] = v
+    nets = build_networks(c)
+    state = jax.jit(functools.partial(init_state, nets))(jax.random.key(0))
+    return c, nets, state
+
+
+def test_step_compiles_once_and_is_not_retraced():
+    c, nets, state = _setup()
+    traces = []
+    raw = make_train_step(c, nets, steps_per_epoch=2)
+
+    def counted(state, batch, key):
+        traces.append(1)
+        return raw(state, batch, key)
+
+    step = jax.jit(counted, donate_argnums=(0,))
+    batch, key = _one_pair_batch(), jax.random.key(1)
+    for _ in range(4):
+        state, metrics = step(state, batch, key)
+    jax.block_until_ready(state)
+    assert len(traces) == 1
+    assert step._cache_size() == 1
+    assert int(state.step) == 4
+    for name in ("g_gan", "g_l1", "g_ssim", "g_tv", "d_gan", "d_contrastive", "g_total", "lr"):
+        assert name in metrics and np.isfinite(float(metrics[name])), name
+
+
+def test_few_dozen_steps_reduce_l1_on_one_pair():
+    c, nets, state = _setup("baseline")
+    c.train.n_epochs, c.train.n_epochs_decay = 1000, 0  # constant lr
+    step = jax.jit(make_train_step(c, nets, steps_per_epoch=1), donate_argnums=(0,))
+    batch, key = _one_pair_batch(), jax.random.key(2)
+    l1 = []
+    for _ in range(40):
+        state, m = step(state, batch, key)
+        l1.append(float(m["g_l1"]))
+    assert np.mean(l1[-5:]) < 0.5 * np.mean(l1[:3]), l1
+
+
+@pytest.mark.parametrize(
+    "variant,present,absent",
+    [
+        ("baseline", {"g_gan", "g_l1", "d_gan"}, {"g_ssim", "g_tv", "d_contrastive"}),
+        ("tv", {"g_tv"}, {"g_ssim", "d_contrastive"}),
+        ("ssim", {"g_ssim"}, {"g_tv", "d_contrastive"}),
+        ("cl", {"d_contrastive"}, {"g_ssim", "g_tv"}),
+    ],
+)
+def test_terms_switch_on_by_weight(variant, present, absent):
+    c, nets, state = _setup(variant)
+    _, m = jax.jit(make_train_step(c, nets, 2))(state, _one_pair_batch(), jax.random.key(0))
+    assert present <= set(m) and not (absent & set(m))
+
+
+def test_contrastive_step_advances_d_adam_twice_and_head_frozen_by_default():
+    c, nets, state = _setup("cl")
+    head0 = state.head_params
+    new, _ = jax.jit(make_train_step(c, nets, 2))(state, _one_pair_batch(), jax.random.key(0))
+    counts = [int(x.count) for x in jax.tree.leaves(new.d_opt_state, is_leaf=lambda x: hasattr(x, "count")) if hasattr(x, "count")]
+    assert counts == [2]
+    g_counts = [int(x.count) for x in jax.tree.leaves(new.g_opt_state, is_leaf=lambda x: hasattr(x, "count")) if hasattr(x, "count")]
+    assert g_counts == [1]
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(head0), jax.tree.leaves(new.head_params)))
+
+
+def test_trainable_head_option_updates_head():
+    c, nets, state = _setup("cl", **{"loss.head_trainable": True})
+    head0 = jax.tree.map(np.asarray, state.head_params)
+    new, _ = jax.jit(make_train_step(c, nets, 2))(state, _one_pair_batch(), jax.random.key(0))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(head0), jax.tree.leaves(new.head_params)))
+
+
+def test_generator_step_uses_updated_discriminator_and_updates_bn_stats():
+    c, nets, state = _setup("baseline")
+    old_d_stats = jax.tree.map(np.asarray, state.d_batch_stats)
+    old_g_stats = jax.tree.map(np.asarray, state.g_batch_stats)
+    new, _ = jax.jit(make_train_step(c, nets, 2))(state, _one_pair_batch(), jax.random.key(0))
+    for old, cur in ((old_d_stats, new.d_batch_stats), (old_g_stats, new.g_batch_stats)):
+        assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(cur)))
+
+
+def test_linear_policy_matches_pix2pix_rule():
+    sched = linear_policy(2e-4, n_epochs=3, n_epochs_decay=2, steps_per_epoch=4)
+    # 1-based epoch e: lr * (1 - max(0, e - 3) / 3)
+    expected = {0: 1.0, 11: 1.0, 12: 2 / 3, 15: 2 / 3, 16: 1 / 3, 19: 1 / 3}
+    for step, f in expected.items():
+        np.testing.assert_allclose(float(sched(step)), 2e-4 * f, rtol=1e-6)
+
+
+def test_reference_normalization_is_batch_min_max_of_noisy_and_clean():
+    noisy = jnp.array([[10.0, 20.0]]).reshape(1, 1, 2, 1)
+    clean = jnp.array([[15.0, 30.0]]).reshape(1, 1, 2, 1)
+    b = normalize_batch(noisy, clean, "reference", 0.0, 1.0)
+    np.testing.assert_allclose(np.ravel(b["noisy"]), [-1.0, 0.0])
+    np.testing.assert_allclose(np.ravel(b["clean"]), [-0.5, 1.0])
+    b = normalize_batch(noisy, clean, "percentile", 10.0, 30.0)
+    np.testing.assert_allclose(np.ravel(b["clean"]), [-0.5, 1.0])
