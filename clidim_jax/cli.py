@@ -58,23 +58,46 @@ def _rewrite_config_arg(argv: list[str]) -> list[str]:
     return out
 
 
+def _unknown_override(argv: list[str], message: str) -> str:
+    """Names the `--config.FIELD` override whose FIELD does not exist."""
+    from clidim_jax.config_lib import base_config
+
+    for a in argv:
+        if a.startswith("--config."):
+            path = a[len("--config.") :].split("=", 1)[0]
+            node = base_config()
+            try:
+                for part in path.split("."):
+                    node = node[part]
+            except (KeyError, TypeError):
+                hint = message[message.find("Did you mean") :].rstrip("'\"")
+                hint = f" ({hint})" if "Did you mean" in message else ""
+                return f"unknown config field {path!r} in {a}{hint}"
+    return f"unknown config field: {message}"
+
+
 def parse_flags(command: str, argv: list[str]) -> flags.FlagValues:
     argv = [f"clidim-jax {command}"] + _rewrite_config_arg(argv)
     fv = flags.FlagValues()
-    flags.DEFINE_string("workdir", None, "Run directory.", flag_values=fv)
-    if command == "train":
-        config_flags.DEFINE_config_file(
-            "config", default=packaged_config("demo.py"), flag_values=fv, lock_config=True, sys_argv=argv
-        )
     try:
+        flags.DEFINE_string("workdir", None, "Run directory.", flag_values=fv)
+        if command == "train":
+            config_flags.DEFINE_config_file(
+                "config",
+                default=packaged_config("demo.py"),
+                flag_values=fv,
+                lock_config=True,
+                sys_argv=argv,
+            )
         rest = fv(argv)
     except flags.Error as e:
-        raise UsageError(str(e)) from None
+        msg = str(e)
+        if "Traceback" in msg:  # an error raised by the config file itself: keep its message
+            lines = [ln for ln in msg.splitlines() if ln.strip()]
+            msg = f"{lines[0].split(':')[0]}: {lines[-1]}"
+        raise UsageError(msg) from None
     except AttributeError as e:  # ml_collections: a typo in a --config.FIELD override
-        msg = str(e.args[0]) if e.args else str(e)
-        raise UsageError(f"unknown config field in an override: {msg}") from None
-    except (ValueError, KeyError) as e:
-        raise UsageError(f"bad config: {e}") from None
+        raise UsageError(_unknown_override(argv, str(e.args[0]) if e.args else str(e))) from None
     if len(rest) > 1:
         raise UsageError(f"unexpected arguments: {' '.join(rest[1:])}")
     if not fv.workdir:

@@ -49,9 +49,9 @@ def test_typo_in_field_name_is_an_error_naming_it():
 
 
 def test_unknown_variant_and_argument():
-    with pytest.raises(ValueError, match="unknown variant"):
+    with pytest.raises(cli.UsageError, match="unknown variant"):
         parse("--config=configs/reference.py:variant=nope")
-    with pytest.raises(ValueError, match="unknown config argument"):
+    with pytest.raises(cli.UsageError, match="unknown config argument"):
         parse("--config=configs/reference.py:colour=red")
 
 
