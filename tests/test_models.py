@@ -15,14 +15,39 @@ from clidim_jax.models import (
     PatchGANDiscriminator,
     ProjectionHead,
     UNetGenerator,
+    bn_scale_init,
     conv_transpose_4x4_s2,
     count_params,
+    normal_init,
 )
 
 
 def init(module: nn.Module, seed: int, x: jax.Array, **kwargs) -> dict:
     """module.init under jit: eager init compiles every random draw separately (seconds on CPU)."""
     return jax.jit(lambda key, x: module.init(key, x, **kwargs))(jax.random.key(seed), x)
+
+
+_FORWARDS: dict[tuple[nn.Module, bool], object] = {}
+
+
+def forward(
+    module: nn.Module, variables: dict, x: jax.Array, *, train: bool, seed: int | None = None
+):
+    """module.apply under jit, one compiled function per (module, train); train mode returns
+    (output, {"batch_stats": ...}). Eager applies compile op by op: slower on this CPU."""
+    if (module, train) not in _FORWARDS:
+        mutable = ["batch_stats"] if train else False
+        _FORWARDS[module, train] = jax.jit(
+            lambda v, x, r: module.apply(v, x, train=train, rngs=r, mutable=mutable)
+        )
+    rngs = {} if seed is None else {"dropout": jax.random.key(seed)}
+    return _FORWARDS[module, train](variables, x, rngs)
+
+
+def randn(seed: int, *shapes: tuple[int, ...]) -> list[jax.Array]:
+    """Test data from NumPy: an eager rank-4 jax.random draw compiles for about a second here."""
+    rng = np.random.default_rng(seed)
+    return [jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in shapes]
 
 
 def abstract_variables(module: nn.Module, shape: tuple[int, ...], **kwargs) -> dict:
@@ -92,40 +117,69 @@ def test_instance_norm_adds_biases_and_no_stats() -> None:
     assert "batch_stats" not in variables
     assert variables["params"]["down1"]["bias"].shape == (8,)
     assert variables["params"]["up1"]["bias"].shape == (4,)
-    none = abstract_variables(UNetGenerator(depth=4, ngf=4, norm="none"), (1, 16, 16, 1), train=False)
+    none = abstract_variables(
+        UNetGenerator(depth=4, ngf=4, norm="none"), (1, 16, 16, 1), train=False
+    )
     assert "batch_stats" not in none and "bias" not in none["params"]["down1"]
     with pytest.raises(ValueError, match="norm"):
         abstract_variables(UNetGenerator(depth=4, norm="layer"), (1, 16, 16, 1), train=False)
 
 
-@pytest.mark.parametrize("norm", ["batch", "instance", "none"])
-def test_small_forward_passes(norm: str) -> None:
-    x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 1), minval=-1, maxval=1)
-    g = UNetGenerator(depth=4, ngf=8, norm=norm)
-    gv = init(g, 0, x, train=False)
-    y = g.apply(gv, x, train=False)
-    assert y.shape == (2, 16, 16, 1)
-    assert bool(jnp.all(jnp.isfinite(y))) and float(jnp.abs(y).max()) <= 1.0
-    y_train, _ = g.apply(gv, x, train=True, mutable=["batch_stats"])
-    assert bool(jnp.all(jnp.isfinite(y_train))) and float(jnp.abs(y_train).max()) <= 1.0
+SMALL_G = UNetGenerator(depth=4, ngf=8)  # 16x16 input; no dropout levels below depth 6
 
-    d = PatchGANDiscriminator(ndf=8, norm=norm)
-    pair = jnp.concatenate([x, y], axis=-1)
-    pair = jnp.concatenate([pair, pair], axis=1).repeat(2, axis=2)  # 32x32
-    dv = init(d, 2, pair, train=False)
-    logits = d.apply(dv, pair, train=False)
+
+@pytest.fixture(scope="module")
+def small() -> tuple[dict, jax.Array]:
+    x = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (2, 16, 16, 1)), jnp.float32)
+    return init(SMALL_G, 0, x, train=False), x
+
+
+def assert_tanh_range(y: jax.Array) -> None:
+    assert bool(jnp.all(jnp.isfinite(y))) and float(jnp.abs(y).max()) <= 1.0
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance", "none"])
+def test_small_generator_forward(norm: str, small) -> None:
+    v, x = small
+    g = SMALL_G if norm == "batch" else UNetGenerator(depth=4, ngf=8, norm=norm)
+    if norm != "batch":
+        v = init(g, 0, x, train=False)
+    y = forward(g, v, x, train=False)
+    assert y.shape == x.shape and y.dtype == jnp.float32
+    assert_tanh_range(y)
+    if norm == "batch":  # the other norms do not depend on the mode
+        y_train, _ = forward(g, v, x, train=True)
+        assert_tanh_range(y_train)
+
+
+SMALL_D = PatchGANDiscriminator(ndf=8)
+
+
+@pytest.fixture(scope="module")
+def small_d() -> tuple[dict, jax.Array]:
+    pair = jnp.asarray(np.random.default_rng(2).uniform(-1, 1, (2, 32, 32, 2)), jnp.float32)
+    return init(SMALL_D, 2, pair, train=False), pair
+
+
+def test_small_discriminator_forward(small_d) -> None:
+    d = SMALL_D
+    dv, pair = small_d
+    logits = forward(d, dv, pair, train=False)
+    assert logits.shape == (2, 2, 2, 1) and bool(jnp.all(jnp.isfinite(logits)))
+    logits, _ = forward(d, dv, pair, train=True)
     assert logits.shape == (2, 2, 2, 1) and bool(jnp.all(jnp.isfinite(logits)))
 
 
-def test_bfloat16_compute_keeps_float32_params_and_output() -> None:
-    x = jax.random.uniform(jax.random.key(1), (1, 16, 16, 1), minval=-1, maxval=1)
+def test_bfloat16_compute_keeps_float32_params_and_output(small) -> None:
+    v, x = small
     g = UNetGenerator(depth=4, ngf=8, dtype=jnp.bfloat16)
-    gv = init(g, 0, x, train=False)
-    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(gv))
-    y = g.apply(gv, x, train=False)
-    y32 = UNetGenerator(depth=4, ngf=8).apply(gv, x, train=False)
+    assert jax.tree.map(jnp.shape, abstract_variables(g, x.shape, train=False)) == jax.tree.map(
+        jnp.shape, v
+    )
+    y = forward(g, v, x, train=False)
     assert y.dtype == jnp.float32
-    np.testing.assert_allclose(y, y32, atol=0.05)
+    np.testing.assert_allclose(y, forward(SMALL_G, v, x, train=False), atol=0.05)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(v))
 
 
 @pytest.mark.parametrize("shape", [(1, 100, 256, 1), (1, 256, 200, 1)])
@@ -140,7 +194,10 @@ def test_generator_rejects_indivisible_size(shape: tuple[int, ...]) -> None:
 
 def lax_reference(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return lax.conv_transpose(
-        x, kernel, strides=(2, 2), padding=((2, 2), (2, 2)),
+        x,
+        kernel,
+        strides=(2, 2),
+        padding=((2, 2), (2, 2)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )
 
@@ -167,31 +224,29 @@ def torch_weight_to_kernel(w: np.ndarray) -> np.ndarray:
 CT_SHAPES = [((2, 5, 7, 3), 4), ((1, 6, 6, 5), 2), ((3, 1, 1, 2), 3), ((1, 17, 16, 2), 3)]
 
 
-@pytest.mark.parametrize("method", ["auto", "phases", "fused"])
-@pytest.mark.parametrize("x_shape, cout", CT_SHAPES)
+def value_and_grads(fn, x: jax.Array, kernel: jax.Array, cotangent: jax.Array):
+    """fn(x, kernel) and the gradients of <fn(x, kernel), cotangent> w.r.t. x and kernel."""
+    y, vjp = jax.vjp(fn, x, kernel)
+    return (y, *vjp(cotangent))
+
+
+@pytest.mark.parametrize(
+    "method, x_shape, cout",
+    [(m, *case) for m in ("phases", "fused") for case in CT_SHAPES] + [("auto", *CT_SHAPES[3])],
+)
 def test_conv_transpose_matches_lax_value_and_grads(
-    x_shape: tuple[int, ...], cout: int, method: str
+    method: str, x_shape: tuple[int, ...], cout: int
 ) -> None:
-    kx, kk, kg = jax.random.split(jax.random.key(sum(x_shape) + cout), 3)
-    x = jax.random.normal(kx, x_shape)
-    kernel = jax.random.normal(kk, (4, 4, x_shape[-1], cout)) * 0.5
     out_shape = (x_shape[0], 2 * x_shape[1], 2 * x_shape[2], cout)
-    cot = jax.random.normal(kg, out_shape)
+    x, kernel, cotangent = randn(sum(x_shape) + cout, x_shape, (4, 4, x_shape[-1], cout), out_shape)
 
-    ours = conv_transpose_4x4_s2(x, kernel, method=method)
-    ref = lax_reference(x, kernel)
-    assert ours.shape == ref.shape == out_shape
-    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
-
-    def loss(fn):
-        return lambda x, k: jnp.vdot(fn(x, k), cot)
-
-    ours_g = jax.grad(loss(lambda x, k: conv_transpose_4x4_s2(x, k, method=method)), (0, 1))(
-        x, kernel
-    )
-    ref_g = jax.grad(loss(lax_reference), (0, 1))(x, kernel)
-    for a, b in zip(ours_g, ref_g, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    ours = jax.jit(
+        lambda *a: value_and_grads(lambda x, k: conv_transpose_4x4_s2(x, k, method=method), *a)
+    )(x, kernel, cotangent)
+    ref = jax.jit(lambda *a: value_and_grads(lax_reference, *a))(x, kernel, cotangent)
+    assert ours[0].shape == ref[0].shape == out_shape
+    for name, a, b in zip(("value", "grad x", "grad kernel"), ours, ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 @pytest.mark.parametrize("method", ["phases", "fused"])
@@ -211,7 +266,7 @@ def test_conv_transpose_matches_pytorch_semantics(
 
 
 def test_conv_transpose_module_matches_flax_conv_transpose() -> None:
-    x = jax.random.normal(jax.random.key(0), (2, 5, 6, 3))
+    (x,) = randn(0, (2, 5, 6, 3))
     ours = ConvTranspose4x4(4, use_bias=True, bias_init=nn.initializers.normal(1.0))
     v = init(ours, 1, x)
     assert v["params"]["kernel"].shape == (4, 4, 3, 4) and v["params"]["bias"].shape == (4,)
@@ -231,27 +286,18 @@ def test_conv_transpose_rejects_bad_shapes() -> None:
 
 @pytest.fixture(scope="module")
 def dropout_net() -> tuple[UNetGenerator, dict, jax.Array]:
-    g = UNetGenerator(depth=6, ngf=4)  # dropout on level 4 only (depth - 5 = 1 block)
-    x = jax.random.normal(jax.random.key(3), (2, 64, 64, 1))
+    g = UNetGenerator(depth=6, ngf=2)  # dropout on level 4 only (depth - 5 = 1 block)
+    (x,) = randn(3, (2, 64, 64, 1))
     return g, init(g, 0, x, train=False), x
 
 
 def test_dropout_only_in_train_mode(dropout_net) -> None:
     g, v, x = dropout_net
 
-    def train_apply(seed: int) -> jax.Array:
-        out, _ = g.apply(
-            v, x, train=True, rngs={"dropout": jax.random.key(seed)}, mutable=["batch_stats"]
-        )
-        return out
-
-    a, a_again, b = train_apply(0), train_apply(0), train_apply(1)
+    (a, _), (a_again, _), (b, _) = (forward(g, v, x, train=True, seed=s) for s in (0, 0, 1))
     np.testing.assert_array_equal(a, a_again)
     assert not np.allclose(a, b)
-    np.testing.assert_array_equal(g.apply(v, x, train=False), g.apply(v, x, train=False))
-    no_dropout = UNetGenerator(depth=6, ngf=4, use_dropout=False)
-    c, _ = no_dropout.apply(v, x, train=True, mutable=["batch_stats"])  # needs no rng
-    assert c.shape == x.shape
+    np.testing.assert_array_equal(forward(g, v, x, train=False), forward(g, v, x, train=False))
 
 
 def test_dropout_levels() -> None:
@@ -261,76 +307,81 @@ def test_dropout_levels() -> None:
         _, state = jax.eval_shape(
             lambda: g.init_with_output(
                 {"params": jax.random.key(0), "dropout": jax.random.key(1)},
-                x, train=True, capture_intermediates=lambda m, _: isinstance(m, nn.Dropout),
+                x,
+                train=True,
+                capture_intermediates=True,
+                mutable=True,
             )
         )
-        return sorted(state["intermediates"])
+        return sorted(n for n in state["intermediates"] if "dropout" in n)
 
     assert dropout_names(8) == ["up4_dropout", "up5_dropout", "up6_dropout"]
     assert dropout_names(7) == ["up4_dropout", "up5_dropout"]
     assert dropout_names(5) == []
 
 
-def test_batchnorm_running_stats_update_and_eval_use() -> None:
-    g = UNetGenerator(depth=4, ngf=4, use_dropout=False)
-    x = jax.random.normal(jax.random.key(4), (3, 16, 16, 1)) + 0.5
-    v = init(g, 0, x, train=False)
-    stats0 = v["batch_stats"]
-
-    _, s1 = g.apply(v, x, train=True, mutable=["batch_stats"])
-    _, s2 = g.apply({**v, **s1}, x, train=True, mutable=["batch_stats"])
-    # PyTorch momentum 0.1: m1 = 0.1 mu, m2 = 0.9 m1 + 0.1 mu = 1.9 m1 (train mode normalises
-    # with batch statistics, so both steps see the same activations).
-    for m1, m0 in zip(jax.tree.leaves(s1["batch_stats"]), jax.tree.leaves(stats0), strict=True):
+def test_batchnorm_running_stats_update_and_eval_use(small) -> None:
+    v, x = small
+    g = SMALL_G
+    _, s1 = forward(g, v, x, train=True)
+    _, s2 = forward(g, {**v, **s1}, x, train=True)
+    for m1, m0 in zip(jax.tree.leaves(s1), jax.tree.leaves(v["batch_stats"]), strict=True):
         assert not np.allclose(m1, m0)
+    # PyTorch momentum 0.1 from mean 0, var 1: m1 = 0.1 mu, m2 = 0.9 m1 + 0.1 mu = 1.9 m1, and
+    # likewise for var (train mode normalises with batch statistics, so both steps see the same
+    # activations).
     for name, layer in s1["batch_stats"].items():
-        np.testing.assert_allclose(
-            s2["batch_stats"][name]["mean"], 1.9 * layer["mean"], rtol=1e-4, atol=1e-6,
-            err_msg=name,
-        )
+        layer2 = s2["batch_stats"][name]
+        np.testing.assert_allclose(layer2["mean"], 1.9 * layer["mean"], rtol=1e-4, atol=1e-6)
         var_batch = (layer["var"] - 0.9) / 0.1
-        np.testing.assert_allclose(
-            s2["batch_stats"][name]["var"], 0.81 + 0.19 * var_batch, rtol=1e-4, atol=1e-6,
-            err_msg=name,
-        )
+        np.testing.assert_allclose(layer2["var"], 0.81 + 0.19 * var_batch, rtol=1e-4, atol=1e-6)
 
     # Eval mode uses the running statistics: it depends on them, and a sample's output does not
-    # depend on the rest of its batch (it does in train mode).
+    # depend on the rest of its batch (in train mode it does).
     updated = {**v, **s1}
-    eval_full = g.apply(updated, x, train=False)
-    assert not np.allclose(eval_full, g.apply(v, x, train=False))
-    np.testing.assert_allclose(eval_full[:1], g.apply(updated, x[:1], train=False), atol=1e-6)
-    train_full, _ = g.apply(updated, x, train=True, mutable=["batch_stats"])
-    train_one, _ = g.apply(updated, x[:1], train=True, mutable=["batch_stats"])
-    assert not np.allclose(train_full[:1], train_one)
+    eval_both = forward(g, updated, x, train=False)
+    assert not np.allclose(eval_both, forward(g, v, x, train=False))
+    np.testing.assert_allclose(eval_both[:1], forward(g, updated, x[:1], train=False), atol=1e-6)
+    train_both, _ = forward(g, updated, x, train=True)
+    train_one, _ = forward(g, updated, x[:1], train=True)
+    assert not np.allclose(train_both[:1], train_one)
 
 
 # ---------------------------------------------------------------- initialisation
 
 
-def test_init_distributions() -> None:
-    g = UNetGenerator(depth=5, ngf=32)
-    params = init(g, 0, jnp.zeros((1, 32, 32, 1)), train=False)["params"]
-    for name in ("down3", "down4", "up4", "up3"):
+def test_init_distributions(small, small_d) -> None:
+    params = small[0]["params"]  # depth 4, ngf 8
+    for name in ("down3", "up3"):
         k = np.asarray(params[name]["kernel"])
-        assert k.size > 100_000
-        assert abs(k.mean()) < 1e-3, name
-        assert abs(k.std() - 0.02) < 0.02 * 0.02, name  # relative sd error ~ 1/sqrt(2n) < 0.3%
+        assert k.size == 4 * 4 * 32 * 64
+        assert abs(k.mean()) < 0.001, name  # sd of the mean: 0.02 / 181
+        assert abs(k.std() - 0.02) < 0.02 * 0.02, name  # relative sd of the sd: 1/sqrt(2n) = 0.4%
     scales = np.concatenate(
         [np.asarray(layer["scale"]) for n, layer in params.items() if n.endswith("_norm")]
     )
-    assert scales.size >= 900
-    assert abs(scales.mean() - 1.0) < 0.005  # sd of the mean: 0.02/30
-    assert abs(scales.std() - 0.02) < 0.004
+    assert scales.size == 16 + 32 + 32 + 16 + 8
+    assert abs(scales.mean() - 1.0) < 0.008  # 4 sd of the mean, 0.02 / sqrt(104)
+    assert 0.014 < scales.std() < 0.026
     for n, layer in params.items():
         if n.endswith("_norm"):
             assert not np.any(layer["bias"]), n
     assert not np.any(params["up0"]["bias"])
 
-    dp = init(PatchGANDiscriminator(ndf=16), 1, jnp.zeros((1, 64, 64, 2)), train=False
-    )["params"]
-    assert abs(float(dp["conv3"]["kernel"].std()) - 0.02) < 0.001
+    dp = small_d[0]["params"]  # ndf 8
+    assert abs(float(dp["conv3"]["kernel"].std()) - 0.02) < 0.02 * 0.02
     assert not np.any(dp["conv0"]["bias"]) and not np.any(dp["conv4"]["bias"])
+    assert abs(float(dp["norm3"]["scale"].mean()) - 1.0) < 0.02
+
+
+def test_normal_init_values_equal_a_direct_draw() -> None:
+    key = jax.random.key(7)
+    np.testing.assert_array_equal(
+        normal_init(0.02)(key, (4, 4, 3, 5)), 0.02 * jax.random.normal(key, (4, 4, 3, 5))
+    )
+    np.testing.assert_allclose(
+        bn_scale_init()(key, (6,)), 1.0 + 0.02 * jax.random.normal(key, (6,)), rtol=1e-7
+    )
 
 
 def test_head_init_is_pytorch_linear_default() -> None:

@@ -92,13 +92,8 @@ class UNetGenerator(nn.Module):
                 if norm is not None:
                     y = norm(y)
 
-        for i in reversed(range(self.depth)):
+        for i in reversed(range(1, self.depth)):
             y = nn.relu(y)
-            if i == 0:
-                y = ConvTranspose4x4(
-                    self.out_channels, use_bias=True, dtype=self.dtype, name="up0"
-                )(y)
-                return jnp.tanh(y).astype(jnp.float32)
             y = ConvTranspose4x4(
                 level_channels(self.ngf, i - 1), use_bias=bias, dtype=self.dtype, name=f"up{i}"
             )(y)
@@ -108,4 +103,7 @@ class UNetGenerator(nn.Module):
             if self.use_dropout and 4 <= i <= self.depth - 2:
                 y = nn.Dropout(0.5, deterministic=not train, name=f"up{i}_dropout")(y)
             y = jnp.concatenate([skips[i - 1], y], axis=-1)
-        raise AssertionError("unreachable")
+
+        y = nn.relu(y)
+        y = ConvTranspose4x4(self.out_channels, use_bias=True, dtype=self.dtype, name="up0")(y)
+        return jnp.tanh(y).astype(jnp.float32)
