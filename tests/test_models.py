@@ -20,6 +20,7 @@ from clidim_jax.models import (
     count_params,
     normal_init,
 )
+from clidim_jax.models.layers import BatchNorm, make_norm
 
 
 def init(module: nn.Module, seed: int, x: jax.Array, **kwargs) -> dict:
@@ -345,6 +346,112 @@ def test_batchnorm_running_stats_update_and_eval_use(small) -> None:
     train_both, _ = forward(g, updated, x, train=True)
     train_one, _ = forward(g, updated, x[:1], train=True)
     assert not np.allclose(train_both[:1], train_one)
+
+
+class TorchBatchNorm2dNumpy:
+    """PyTorch `BatchNorm2d` (eps 1e-5, momentum 0.1, affine) in NumPy float64, on NHWC arrays."""
+
+    def __init__(self, scale: np.ndarray, bias: np.ndarray, mean: np.ndarray, var: np.ndarray):
+        self.scale, self.bias = scale.astype(np.float64), bias.astype(np.float64)
+        self.mean, self.var = mean.astype(np.float64), var.astype(np.float64)
+
+    def _normalise(self, x: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+        return (x - mean) / np.sqrt(var + 1e-5) * self.scale + self.bias
+
+    def train(self, x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64)
+        flat = x.reshape(-1, x.shape[-1])  # (N*H*W, C)
+        n = flat.shape[0]
+        mean = flat.sum(0) / n
+        biased = ((flat - mean) ** 2).sum(0) / n
+        unbiased = ((flat - mean) ** 2).sum(0) / (n - 1)
+        self.mean = 0.9 * self.mean + 0.1 * mean
+        self.var = 0.9 * self.var + 0.1 * unbiased
+        return self._normalise(x, mean, biased)
+
+    def eval(self, x: np.ndarray) -> np.ndarray:
+        return self._normalise(x.astype(np.float64), self.mean, self.var)
+
+
+BN_SHAPES = [(2, 3, 5, 4), (2, 1, 1, 3), (1, 2, 2, 5), (4, 2, 2, 2)]
+
+
+@pytest.mark.parametrize("shape", BN_SHAPES)
+def test_batchnorm_matches_pytorch_batchnorm2d(shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(sum(shape))
+    c = shape[-1]
+    # Inputs with a non-zero mean and non-unit spread per channel, three different batches.
+    xs = [rng.normal(rng.normal(0, 3, c), rng.uniform(0.2, 4, c), shape) for _ in range(3)]
+    xs = [x.astype(np.float32) for x in xs]
+    params = {
+        "scale": rng.normal(1, 0.5, c).astype(np.float32),
+        "bias": rng.normal(0, 1, c).astype(np.float32),
+    }
+    stats = {
+        "mean": rng.normal(0, 1, c).astype(np.float32),
+        "var": rng.uniform(0.5, 2, c).astype(np.float32),
+    }
+    ref = TorchBatchNorm2dNumpy(params["scale"], params["bias"], stats["mean"], stats["var"])
+    variables = {"params": params, "batch_stats": stats}
+
+    train_fn = jax.jit(lambda v, x: BatchNorm().apply(v, x, mutable=["batch_stats"]))
+    for x in xs[:2]:  # two train-mode updates
+        y, upd = train_fn(variables, x)
+        variables = {"params": params, **upd}
+        np.testing.assert_allclose(y, ref.train(x), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(variables["batch_stats"]["mean"], ref.mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(variables["batch_stats"]["var"], ref.var, rtol=1e-5, atol=1e-6)
+    y = BatchNorm(use_running_average=True).apply(variables, xs[2])
+    np.testing.assert_allclose(y, ref.eval(xs[2]), rtol=1e-5, atol=1e-5)
+    assert y.dtype == jnp.float32
+
+
+def test_batchnorm_running_var_is_unbiased_unlike_flax() -> None:
+    (x,) = randn(5, (2, 2, 2, 3))  # n = 8 values per channel: factor 8/7 on the variance
+    ours = make_norm("batch", train=True, dtype=jnp.float32, name="bn")
+    flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)
+    v = flax_bn.init(jax.random.key(0), x)
+    y_ours, s_ours = ours.apply(v, x, mutable=["batch_stats"])
+    y_flax, s_flax = flax_bn.apply(v, x, mutable=["batch_stats"])
+    np.testing.assert_allclose(y_ours, y_flax, rtol=1e-5, atol=1e-5)  # same normalisation
+    np.testing.assert_allclose(s_ours["batch_stats"]["mean"], s_flax["batch_stats"]["mean"])
+    var_biased = (s_flax["batch_stats"]["var"] - 0.9) / 0.1
+    np.testing.assert_allclose(
+        s_ours["batch_stats"]["var"], 0.9 + 0.1 * var_biased * 8 / 7, rtol=1e-5
+    )
+
+
+def test_batchnorm_variables_match_flax_layout_and_init_keeps_stats() -> None:
+    (x,) = randn(6, (2, 4, 4, 3))
+    ours = init(BatchNorm(), 0, x)  # train mode: init must not update the statistics
+    theirs = nn.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), ours) == jax.tree.map(
+        lambda a: (a.shape, a.dtype), theirs
+    )
+    np.testing.assert_array_equal(ours["batch_stats"]["mean"], np.zeros(3))
+    np.testing.assert_array_equal(ours["batch_stats"]["var"], np.ones(3))
+    np.testing.assert_array_equal(ours["params"]["bias"], np.zeros(3))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        BatchNorm().apply(ours, x[:1, :1, :1], mutable=["batch_stats"])
+    BatchNorm(use_running_average=True).apply(ours, x[:1, :1, :1])  # eval mode is fine
+
+
+def test_batchnorm_bfloat16_computes_stats_in_float32() -> None:
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(100.0, 0.5, (2, 4, 4, 3)), jnp.bfloat16)  # large mean, small sd
+    v = init(BatchNorm(), 0, x)
+    y, s = jax.jit(lambda v, x: BatchNorm(dtype=jnp.bfloat16).apply(v, x, mutable=["batch_stats"]))(
+        v, x
+    )
+    assert y.dtype == jnp.bfloat16 and s["batch_stats"]["var"].dtype == jnp.float32
+    ref = TorchBatchNorm2dNumpy(
+        np.asarray(v["params"]["scale"]), np.zeros(3), np.zeros(3), np.ones(3)
+    )
+    np.testing.assert_allclose(
+        y.astype(jnp.float32), ref.train(np.asarray(x, np.float32)), atol=0.03
+    )
+    np.testing.assert_allclose(s["batch_stats"]["mean"], ref.mean, rtol=1e-5)
+    np.testing.assert_allclose(s["batch_stats"]["var"], ref.var, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- initialisation

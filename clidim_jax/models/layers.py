@@ -173,6 +173,64 @@ class InstanceNorm(nn.Module):
         return ((xf - mean) * lax.rsqrt(var + self.epsilon)).astype(self.dtype)
 
 
+class BatchNorm(nn.Module):
+    """PyTorch's `BatchNorm2d` (affine, track_running_stats) for NHWC input.
+
+    Train mode normalises with the batch mean and the biased batch variance over (N, H, W) and
+    updates the running statistics with PyTorch's rule, `momentum` in PyTorch's convention:
+        mean <- (1 - momentum) * mean + momentum * batch_mean
+        var  <- (1 - momentum) * var  + momentum * batch_var * n / (n - 1),   n = N * H * W,
+    i.e. the running variance takes the UNBIASED batch variance, where `flax.linen.BatchNorm`
+    takes the biased one (a difference of a factor n / (n - 1) that matters at the inner,
+    small-spatial levels). Eval mode (`use_running_average`) normalises with the running
+    statistics. As in flax, the statistics are not updated while the module is initialising.
+
+    Variables are those of `flax.linen.BatchNorm`: float32 'params' 'scale' (init N(1, 0.02^2),
+    pix2pix) and 'bias' (zeros), float32 'batch_stats' 'mean' (zeros) and 'var' (ones). The
+    statistics and the normalisation are computed in float32 whatever `dtype` is (the compute
+    dtype of the output). They are plain means over the whole (global) batch, so under `jax.jit`
+    with a batch sharded over devices they are global without an `axis_name`. The variance is
+    the two-pass mean((x - mean)^2), as PyTorch, not the cancellation-prone E[x^2] - E[x]^2.
+    Like PyTorch, train mode rejects a batch of one value per channel (the unbiased variance
+    would be 0/0).
+    """
+
+    use_running_average: bool = False
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    scale_init: Initializer = bn_scale_init()
+    bias_init: Initializer = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        features = x.shape[-1]
+        axes = tuple(range(x.ndim - 1))
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+        scale = self.param("scale", self.scale_init, (features,), jnp.float32)
+        bias = self.param("bias", self.bias_init, (features,), jnp.float32)
+
+        xf = x.astype(jnp.float32)
+        if self.use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            n = math.prod(x.shape[:-1])
+            if n < 2:
+                raise ValueError(
+                    f"BatchNorm in train mode needs more than 1 value per channel, got input "
+                    f"shape {x.shape}"
+                )
+            mean = xf.mean(axis=axes)
+            var = jnp.square(xf - mean).mean(axis=axes)  # biased: used to normalise
+            if not self.is_initializing():
+                m = self.momentum
+                ra_mean.value = (1.0 - m) * ra_mean.value + m * mean
+                ra_var.value = (1.0 - m) * ra_var.value + m * var * (n / (n - 1))
+
+        return ((xf - mean) * (scale * lax.rsqrt(var + self.epsilon)) + bias).astype(self.dtype)
+
+
 NORMS = ("batch", "instance", "none")
 
 
@@ -192,17 +250,7 @@ def make_norm(norm: str, *, train: bool, dtype: Dtype, name: str) -> nn.Module |
     """The normalisation layer pix2pix builds for `--norm` (None for 'none')."""
     check_norm(norm)
     if norm == "batch":
-        # PyTorch momentum 0.1 == Flax momentum 0.9; affine, eps 1e-5, scale ~ N(1, 0.02).
-        return nn.BatchNorm(
-            use_running_average=not train,
-            momentum=0.9,
-            epsilon=1e-5,
-            scale_init=bn_scale_init(),
-            bias_init=nn.initializers.zeros_init(),
-            dtype=dtype,
-            param_dtype=jnp.float32,
-            name=name,
-        )
+        return BatchNorm(use_running_average=not train, momentum=0.1, dtype=dtype, name=name)
     if norm == "instance":
         return InstanceNorm(dtype=dtype, name=name)
     return None
