@@ -28,7 +28,9 @@ class Checkpoints:
     def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
         return self.manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
             force=force,
         )
 

@@ -19,7 +19,7 @@ commands:
 
 examples:
   clidim-jax train --workdir runs/demo
-  clidim-jax train --config configs/reference.py:variant=cl --config.train.batch_size=8 --workdir runs/x
+  clidim-jax train --config reference:variant=cl --config.train.batch_size=8 --workdir runs/x
 """
 
 
@@ -40,7 +40,9 @@ def resolve_config_path(value: str) -> str:
     package (so `configs/reference.py` works from any directory after `pip install`)."""
     path, sep, arg = value.partition(":")
     if not os.path.exists(path):
-        candidate = packaged_config(os.path.basename(path if path.endswith(".py") else path + ".py"))
+        candidate = packaged_config(
+            os.path.basename(path if path.endswith(".py") else path + ".py")
+        )
         if os.path.exists(candidate):
             path = candidate
         else:
@@ -77,7 +79,7 @@ def _unknown_override(argv: list[str], message: str) -> str:
 
 
 def parse_flags(command: str, argv: list[str]) -> flags.FlagValues:
-    argv = [f"clidim-jax {command}"] + _rewrite_config_arg(argv)
+    argv = [f"clidim-jax {command}", *_rewrite_config_arg(argv)]
     fv = flags.FlagValues()
     try:
         flags.DEFINE_string("workdir", None, "Run directory.", flag_values=fv)

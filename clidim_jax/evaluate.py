@@ -1,4 +1,4 @@
-"""Evaluation of a trained generator on the held-out split: metrics, a classical baseline, a figure."""
+"""Evaluation on the held-out split: metrics, a classical baseline, a figure."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ def gaussian_baseline(
     gts = [test.pair(i)[1] for i in range(len(test))]
     best = None
     for s in sigmas:
-        preds = [ndimage.gaussian_filter(test.noisy[i].astype(np.float64), s) for i in range(len(test))]
+        preds = [
+            ndimage.gaussian_filter(test.noisy[i].astype(np.float64), s) for i in range(len(test))
+        ]
         mean_psnr = float(np.mean([metrics.psnr(g, p) for g, p in zip(gts, preds)]))
         if best is None or mean_psnr > best[0]:
             best = (mean_psnr, s, preds)
@@ -29,7 +31,9 @@ def gaussian_baseline(
     return metrics.summarize(gts, preds), float(sigma), preds
 
 
-def save_figure(path: str, noisy: np.ndarray, denoised: np.ndarray, gt: np.ndarray, title: str) -> None:
+def save_figure(
+    path: str, noisy: np.ndarray, denoised: np.ndarray, gt: np.ndarray, title: str
+) -> None:
     """noisy | denoised | ground truth on one intensity scale (percentiles of the ground truth)."""
     import matplotlib
 
@@ -86,7 +90,11 @@ def evaluate(
 
 
 def format_result(r: dict) -> str:
-    rows = [("noisy input", r["input"]), ("denoised", r["output"]), (r["baseline"]["name"], r["baseline"])]
+    rows = [
+        ("noisy input", r["input"]),
+        ("denoised", r["output"]),
+        (r["baseline"]["name"], r["baseline"]),
+    ]
     lines = [f"{r['dataset']} / {r['split']} ({r['n_images']} images): PSNR (dB), SSIM"]
     for name, m in rows:
         lines.append(f"  {name:<28} {m['psnr']:7.2f} ± {m['psnr_std']:.2f}   {m['ssim']:.4f}")

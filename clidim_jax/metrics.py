@@ -37,7 +37,7 @@ def ssim(gt: np.ndarray, pred: np.ndarray, *, win_size: int = 7) -> float:
         raise ValueError(f"ssim expects 2-D images, got {gt.shape}")
     L = data_range(gt)
     c1, c2 = (0.01 * L) ** 2, (0.03 * L) ** 2
-    filt = lambda a: ndimage.uniform_filter(a, size=win_size, mode="reflect")  # noqa: E731
+    filt = lambda a: ndimage.uniform_filter(a, size=win_size, mode="reflect")
     n = win_size**2
     cov_norm = n / (n - 1.0)
     ux, uy = filt(gt), filt(pred)

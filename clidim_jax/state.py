@@ -72,9 +72,16 @@ def build_networks(config: ml_collections.ConfigDict) -> Networks:
     adam = optax.scale_by_adam(b1=t.b1, b2=t.b2, eps=1e-8)
     return Networks(
         generator=UNetGenerator(
-            depth=m.depth, ngf=m.ngf, out_channels=1, norm=m.norm, use_dropout=m.dropout, dtype=dtype
+            depth=m.depth,
+            ngf=m.ngf,
+            out_channels=1,
+            norm=m.norm,
+            use_dropout=m.dropout,
+            dtype=dtype,
         ),
-        discriminator=PatchGANDiscriminator(ndf=m.ndf, n_layers=m.d_layers, norm=m.norm, dtype=dtype),
+        discriminator=PatchGANDiscriminator(
+            ndf=m.ndf, n_layers=m.d_layers, norm=m.norm, dtype=dtype
+        ),
         head=ProjectionHead(out_features=config.loss.head_features),
         g_tx=adam,
         d_tx=adam,

@@ -7,7 +7,8 @@ compiled in only when its weight is non-zero.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -114,7 +115,9 @@ def make_train_step(
             real_pairs = jnp.concatenate([noisy, clean], -1)
             fake_pairs = jnp.concatenate([noisy, fake_sg], -1)
             grad_fn = jax.value_and_grad(contrastive_loss, argnums=(0, 1), has_aux=True)
-            (cl, d_bs), (gd, gh) = grad_fn(d_params, head_params, d_bs, real_pairs, fake_pairs, k_cl)
+            (cl, d_bs), (gd, gh) = grad_fn(
+                d_params, head_params, d_bs, real_pairs, fake_pairs, k_cl
+            )
             d_params, d_opt = _adam_step(nets.d_tx, gd, d_opt, d_params, lr)
             if train_head:
                 head_params, head_opt = _adam_step(nets.head_tx, gh, head_opt, head_params, lr)

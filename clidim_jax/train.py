@@ -59,7 +59,9 @@ def make_metrics_collection(names: list[str]) -> type[clu_metrics.Collection]:
     return clu_metrics.Collection.create(**{n: clu_metrics.Average.from_output(n) for n in names})
 
 
-def run_metadata(config: ml_collections.ConfigDict, norm: Normalization, train: PairedImages) -> dict:
+def run_metadata(
+    config: ml_collections.ConfigDict, norm: Normalization, train: PairedImages
+) -> dict:
     return {
         "config": json.loads(config.to_json_best_effort()),
         "normalization": json.loads(norm.to_json()),
@@ -119,19 +121,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f"batch {config.train.batch_size}, {spe} steps/epoch, {num_steps} steps, "
         f"devices {jax.devices()}"
     )
+    writer = MetricWriter(workdir)
     for name, params in (("generator", state.g_params), ("discriminator", state.d_params)):
         overview = parameter_overview.get_parameter_overview(params, include_stats=False)
         with open(os.path.join(workdir, f"parameters_{name}.txt"), "w", encoding="utf-8") as f:
             f.write(overview + "\n")
         n = parameter_overview.count_parameters(params)
-        _say(f"{name}: {n:,} parameters (overview in parameters_{name}.txt)")
+        _say(f"{name}: {n:,} parameters\n{overview}")
+        writer.write_texts(int(state.step), {f"parameters/{name}": f"```\n{overview}\n```"})
 
     data = jax.device_put(
         {"noisy": train_ds.noisy, "clean": train_ds.clean, "clean_index": train_ds.clean_index}
     )
     step_fn = jax.jit(make_sampled_train_step(config, nets, spe, norm), donate_argnums=(0,))
 
-    writer = MetricWriter(workdir)
     log_every = config.train.log_every
     collection = None
     acc = None
@@ -154,7 +157,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             _check_finite(values, step)
             writer.write_scalars(step, values)
             now = time.perf_counter()
-            rate = (step - step_mark) / max(now - t_mark, 1e-9) if step > step_mark else float("nan")
+            rate = (
+                (step - step_mark) / max(now - t_mark, 1e-9) if step > step_mark else float("nan")
+            )
             left = (num_steps - step) / rate if rate > 0 else float("nan")
             shown = " ".join(f"{k} {v:.4g}" for k, v in values.items() if k != "lr")
             _say(
@@ -191,7 +196,9 @@ def _check_finite(values: dict[str, float], step: int) -> None:
         raise FloatingPointError(f"non-finite loss at step {step}: {', '.join(bad)}")
 
 
-def restore_run(workdir: str) -> tuple[ml_collections.ConfigDict, Networks, TrainState, Normalization]:
+def restore_run(
+    workdir: str,
+) -> tuple[ml_collections.ConfigDict, Networks, TrainState, Normalization]:
     """Rebuilds config, networks, state and normalisation from a workdir's latest checkpoint."""
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise FileNotFoundError(f"{workdir}: no checkpoint found (train a model there first)")
@@ -221,4 +228,3 @@ def evaluate_workdir(workdir: str) -> dict[str, Any]:
     )
     _say(format_result(result))
     return result
-

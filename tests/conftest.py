@@ -4,10 +4,10 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import ml_collections  # noqa: E402
-import pytest  # noqa: E402
+import ml_collections
+import pytest
 
-from clidim_jax.config_lib import base_config  # noqa: E402
+from clidim_jax.config_lib import base_config
 
 
 def tiny_config(variant: str = "cl_tv_ssim") -> ml_collections.ConfigDict:

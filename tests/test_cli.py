@@ -69,8 +69,11 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
     p = run_cli("train", f"--workdir={tmp_path}/w", "--config.train.batch_sise=3", check=False)
     assert p.returncode == 2 and "batch_sise" in p.stderr and "Traceback" not in p.stderr
     p = run_cli(
-        "train", f"--workdir={tmp_path}/w", "--config.data.source=stack",
-        f"--config.data.path={tmp_path}/none.tif", check=False,
+        "train",
+        f"--workdir={tmp_path}/w",
+        "--config.data.source=stack",
+        f"--config.data.path={tmp_path}/none.tif",
+        check=False,
     )
     assert p.returncode == 2 and "none.tif" in p.stderr and "Traceback" not in p.stderr
     assert not os.path.exists(tmp_path / "w")

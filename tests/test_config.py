@@ -57,7 +57,7 @@ def test_unknown_variant_and_argument():
 
 def test_bad_values_are_named():
     c = parse("--config.model.norm=group")
-    with pytest.raises(ConfigError, match="model.norm"):
+    with pytest.raises(ConfigError, match=r"model\.norm"):
         validate(c)
     c = parse("--config.data.patch_size=100")
     with pytest.raises(ConfigError, match="patch_size=100"):

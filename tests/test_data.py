@@ -39,7 +39,7 @@ def test_stack_source_and_errors(tmp_path):
     small = tmp_path / "small.tif"
     tifffile.imwrite(small, np.zeros((3, 16, 16), np.uint16))
     c.data.path = str(small)
-    with pytest.raises(DataError, match="smaller than data.patch_size"):
+    with pytest.raises(DataError, match=r"smaller than data\.patch_size"):
         load_datasets(c.data)
     bad = tmp_path / "bad.tif"
     bad.write_bytes(b"this is not a tiff")

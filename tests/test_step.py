@@ -17,7 +17,7 @@ def _one_pair_batch(batch_size=2, size=32, seed=0):
     yy, xx = np.mgrid[0:size, 0:size] / size
     clean = 0.6 * np.sin(6 * xx) * np.cos(4 * yy)
     noisy = clean + 0.3 * rng.standard_normal(clean.shape)
-    tile = lambda a: jnp.asarray(np.repeat(a[None, :, :, None], batch_size, 0), jnp.float32)  # noqa: E731
+    tile = lambda a: jnp.asarray(np.repeat(a[None, :, :, None], batch_size, 0), jnp.float32)
     return {"noisy": tile(np.clip(noisy, -1, 1)), "clean": tile(clean)}
 
 
@@ -84,18 +84,32 @@ def test_contrastive_step_advances_d_adam_twice_and_head_frozen_by_default():
     c, nets, state = _setup("cl")
     head0 = state.head_params
     new, _ = jax.jit(make_train_step(c, nets, 2))(state, _one_pair_batch(), jax.random.key(0))
-    counts = [int(x.count) for x in jax.tree.leaves(new.d_opt_state, is_leaf=lambda x: hasattr(x, "count")) if hasattr(x, "count")]
+    counts = [
+        int(x.count)
+        for x in jax.tree.leaves(new.d_opt_state, is_leaf=lambda x: hasattr(x, "count"))
+        if hasattr(x, "count")
+    ]
     assert counts == [2]
-    g_counts = [int(x.count) for x in jax.tree.leaves(new.g_opt_state, is_leaf=lambda x: hasattr(x, "count")) if hasattr(x, "count")]
+    g_counts = [
+        int(x.count)
+        for x in jax.tree.leaves(new.g_opt_state, is_leaf=lambda x: hasattr(x, "count"))
+        if hasattr(x, "count")
+    ]
     assert g_counts == [1]
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(head0), jax.tree.leaves(new.head_params)))
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(head0), jax.tree.leaves(new.head_params))
+    )
 
 
 def test_trainable_head_option_updates_head():
     c, nets, state = _setup("cl", **{"loss.head_trainable": True})
     head0 = jax.tree.map(np.asarray, state.head_params)
     new, _ = jax.jit(make_train_step(c, nets, 2))(state, _one_pair_batch(), jax.random.key(0))
-    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(head0), jax.tree.leaves(new.head_params)))
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(head0), jax.tree.leaves(new.head_params))
+    )
 
 
 def test_generator_step_uses_updated_discriminator_and_updates_bn_stats():
@@ -104,7 +118,9 @@ def test_generator_step_uses_updated_discriminator_and_updates_bn_stats():
     old_g_stats = jax.tree.map(np.asarray, state.g_batch_stats)
     new, _ = jax.jit(make_train_step(c, nets, 2))(state, _one_pair_batch(), jax.random.key(0))
     for old, cur in ((old_d_stats, new.d_batch_stats), (old_g_stats, new.g_batch_stats)):
-        assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(cur)))
+        assert any(
+            not np.allclose(a, b) for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(cur))
+        )
 
 
 def test_linear_policy_matches_pix2pix_rule():

@@ -72,8 +72,12 @@ def split_stack(
         raise DataError(f"{name}: {w} columns cannot be split with test_fraction={test_fraction}")
     n = stack.shape[0]
     zeros = np.zeros(n, np.int32)
-    train = PairedImages(stack[:, :, w_test:], gt[None, :, w_test:], zeros, f"{name}[:, :, {w_test}:]")
-    test = PairedImages(stack[:, :, :w_test], gt[None, :, :w_test], zeros, f"{name}[:, :, :{w_test}]")
+    train = PairedImages(
+        stack[:, :, w_test:], gt[None, :, w_test:], zeros, f"{name}[:, :, {w_test}:]"
+    )
+    test = PairedImages(
+        stack[:, :, :w_test], gt[None, :, :w_test], zeros, f"{name}[:, :, :{w_test}]"
+    )
     return train, test
 
 
@@ -84,7 +88,9 @@ def load_datasets(data: ml_collections.ConfigDict) -> tuple[PairedImages, Paired
         name = "acsn_tirf"
     elif data.source == "stack":
         if not data.path:
-            raise DataError("data.source=stack needs data.path (a TIFF stack of repeated acquisitions)")
+            raise DataError(
+                "data.source=stack needs data.path (a TIFF stack of repeated acquisitions)"
+            )
         path = os.path.expanduser(data.path)
         name = os.path.basename(path)
     else:

@@ -1,4 +1,4 @@
-"""Intensity normalisation to the networks' [-1, 1] range, stored with the model and inverted exactly."""
+"""Intensity normalisation to [-1, 1], stored with the model and inverted exactly."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class Normalization:
     @classmethod
     def from_images(
         cls, noisy: np.ndarray, percentiles: tuple[float, float], mode: str = "percentile"
-    ) -> "Normalization":
+    ) -> Normalization:
         lo, hi = np.percentile(noisy, percentiles)
         lo, hi = float(lo), float(hi)
         if not hi > lo:
@@ -42,5 +42,5 @@ class Normalization:
         return json.dumps(dataclasses.asdict(self))
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Normalization":
+    def from_dict(cls, d: dict) -> Normalization:
         return cls(float(d["low"]), float(d["high"]), str(d.get("mode", "percentile")))

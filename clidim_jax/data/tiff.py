@@ -32,7 +32,9 @@ def read_tiff(path: str | os.PathLike, *, min_ndim: int = 2) -> np.ndarray:
         elif np.issubdtype(arr.dtype, np.floating):
             arr = arr.astype(np.float32)
         else:
-            raise DataError(f"{path}: unsupported pixel type {arr.dtype} (use uint8, uint16 or float32)")
+            raise DataError(
+                f"{path}: unsupported pixel type {arr.dtype} (use uint8, uint16 or float32)"
+            )
     arr = np.squeeze(arr)
     if arr.ndim == 2:
         arr = arr[None]

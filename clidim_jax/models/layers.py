@@ -1,4 +1,4 @@
-"""CPU-friendly 4x4 stride-2 transposed convolution (phase decomposition) and pix2pix initialisers."""
+"""CPU-friendly 4x4 stride-2 transposed convolution (phase decomposition), pix2pix initialisers."""
 
 from __future__ import annotations
 
@@ -103,8 +103,8 @@ def conv_transpose_4x4_s2(
         lax.conv_transpose(x, kernel, strides=(2, 2), padding=((2, 2), (2, 2)),
                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-    (dilate x by 2, pad by 4 - 1 - 1 = 2 on each side, correlate with the unflipped kernel), in value
-    and in gradients, but without the transposed convolution whose weight gradient XLA on CPU runs
+    (dilate x by 2, pad by 4 - 1 - 1 = 2 on each side, correlate with the unflipped kernel), in
+    value and in gradients, without the transposed convolution whose weight gradient XLA on CPU runs
     very slowly. Per spatial axis, as a scatter: y[2i - 1 + t] += x[i] * kernel[3 - t], t = 0..3
     (output indices -1 and 2H fall outside and are dropped: that is PyTorch's padding=1).
 
@@ -131,7 +131,7 @@ def conv_transpose_4x4_s2(
 
 
 class ConvTranspose4x4(nn.Module):
-    """pix2pix's up-sampling `ConvTranspose2d(Cin, features, 4, stride=2, padding=1)` for NHWC input.
+    """pix2pix up-sampling `ConvTranspose2d(Cin, features, 4, stride=2, padding=1)`, NHWC input.
 
     Parameters are float32 'kernel' (4, 4, Cin, features), in `flax.linen.ConvTranspose`
     orientation (see `conv_transpose_4x4_s2` for the flip from a PyTorch weight), and 'bias'
