@@ -14,12 +14,20 @@ USAGE = """usage: clidim-jax <command> [flags]
 commands:
   train     --workdir DIR [--config PATH[:ARGS]] [--config.KEY=VALUE ...]
             train a model (default config: the bundled demo), then evaluate it
-  evaluate  --workdir DIR
-            re-evaluate the trained model of a workdir on its test split
+  evaluate  --workdir DIR [--split test|train] [--metrics standard|reference|both] [--tile N]
+            re-evaluate the trained model of a workdir on its dataset: eval.json, eval.csv,
+            eval.md, eval.png (reference: the authors' code's metrics, side by side with both)
+  denoise   INPUT.tif OUTPUT.tif (--workdir DIR | --model FILE) [--tile N] [--overlap N]
+            [--dtype float32|input] [--overwrite]
+            denoise a 2-D TIFF or every plane of a stack (uint8, uint16 or float32)
+  export    --workdir DIR OUT [--platforms cpu,cuda] [--overwrite]
+            write the trained generator as a portable model file (jax.export), for
+            `denoise --model OUT` without the config or checkpoint
 
 examples:
   clidim-jax train --workdir runs/demo
   clidim-jax train --config reference:variant=cl --config.train.batch_size=8 --workdir runs/x
+  clidim-jax denoise cells.tif cells_denoised.tif --workdir runs/demo
 """
 
 
@@ -78,7 +86,50 @@ def _unknown_override(argv: list[str], message: str) -> str:
     return f"unknown config field: {message}"
 
 
+# Positional arguments of each command.
+POSITIONAL = {"denoise": ("INPUT", "OUTPUT"), "export": ("OUT",)}
+
+
+def _define_command_flags(command: str, fv: flags.FlagValues) -> None:
+    if command == "evaluate":
+        flags.DEFINE_enum("split", "test", ["test", "train"], "Split to evaluate.", flag_values=fv)
+        flags.DEFINE_enum(
+            "metrics",
+            "standard",
+            ["standard", "reference", "both"],
+            "standard: comparable metrics; reference: the authors' code's; both: side by side.",
+            flag_values=fv,
+        )
+    if command in ("evaluate", "denoise"):
+        flags.DEFINE_integer(
+            "tile", None, "Tile size for large images (default: the run's).", 1, flag_values=fv
+        )
+    if command == "denoise":
+        flags.DEFINE_string("model", None, "Model file written by `export`.", flag_values=fv)
+        flags.DEFINE_integer("overlap", None, "Least tile overlap in pixels.", 1, flag_values=fv)
+        flags.DEFINE_integer("batch_size", None, "Tiles per call.", 1, flag_values=fv)
+        flags.DEFINE_enum(
+            "dtype",
+            "float32",
+            ["float32", "input"],
+            "Output pixel type: float32, or the input's (rounded and clipped).",
+            flag_values=fv,
+        )
+        flags.DEFINE_boolean("progress", True, "Report progress on stderr.", flag_values=fv)
+    if command in ("denoise", "export"):
+        flags.DEFINE_boolean("overwrite", False, "Replace an existing output.", flag_values=fv)
+    if command == "export":
+        flags.DEFINE_list(
+            "platforms", [], "Platforms to export for (default: this machine's).", flag_values=fv
+        )
+
+
 def parse_flags(command: str, argv: list[str]) -> flags.FlagValues:
+    return parse_args(command, argv)[0]
+
+
+def parse_args(command: str, argv: list[str]) -> tuple[flags.FlagValues, list[str]]:
+    """The command's flags and its positional arguments (POSITIONAL)."""
     argv = [f"clidim-jax {command}", *_rewrite_config_arg(argv)]
     fv = flags.FlagValues()
     try:
@@ -91,6 +142,7 @@ def parse_flags(command: str, argv: list[str]) -> flags.FlagValues:
                 lock_config=True,
                 sys_argv=argv,
             )
+        _define_command_flags(command, fv)
         rest = fv(argv)
     except flags.Error as e:
         msg = str(e)
@@ -100,11 +152,51 @@ def parse_flags(command: str, argv: list[str]) -> flags.FlagValues:
         raise UsageError(msg) from None
     except AttributeError as e:  # ml_collections: a typo in a --config.FIELD override
         raise UsageError(_unknown_override(argv, str(e.args[0]) if e.args else str(e))) from None
-    if len(rest) > 1:
-        raise UsageError(f"unexpected arguments: {' '.join(rest[1:])}")
-    if not fv.workdir:
+    names = POSITIONAL.get(command, ())
+    if len(rest) - 1 > len(names):
+        raise UsageError(f"unexpected arguments: {' '.join(rest[1 + len(names) :])}")
+    if len(rest) - 1 < len(names):
+        raise UsageError(f"missing {' '.join(names[len(rest) - 1 :])} (usage: see clidim-jax -h)")
+    if command == "denoise":
+        if bool(fv.workdir) == bool(fv.model):
+            raise UsageError("give the model as exactly one of --workdir DIR or --model FILE")
+    elif not fv.workdir:
         raise UsageError("--workdir is required")
-    return fv
+    return fv, rest[1:]
+
+
+def run_denoise(fv: flags.FlagValues, input_path: str, output_path: str) -> None:
+    """Checks the files first (fast errors), then loads the model and denoises."""
+    from clidim_jax.denoise import TiffPlanes, check_output, denoise_tiff, denoiser_from_run
+
+    check_output(output_path, fv.overwrite)
+    with TiffPlanes(input_path) as src:
+        print(
+            f"{input_path}: {src.n_planes} plane(s) of {src.plane_shape[0]}x"
+            f"{src.plane_shape[1]} {src.dtype} (axes {src.axes})",
+            file=sys.stderr,
+        )
+    opts = dict(tile=fv.tile, overlap=fv.overlap, batch_size=fv.batch_size)
+    try:
+        if fv.model:
+            from clidim_jax.export import denoiser_from_model
+
+            denoiser = denoiser_from_model(fv.model, **opts)
+        else:
+            denoiser = denoiser_from_run(fv.workdir, **opts)
+    except ValueError as e:  # tiling arguments the model cannot use
+        if type(e) is not ValueError:
+            raise
+        raise UsageError(str(e)) from None
+    summary = denoise_tiff(
+        input_path,
+        output_path,
+        denoiser,
+        dtype=fv.dtype,
+        overwrite=fv.overwrite,
+        progress=fv.progress,
+    )
+    print(f"wrote {output_path}: shape {tuple(summary['shape'])}, {summary['dtype']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,7 +218,20 @@ def main(argv: list[str] | None = None) -> int:
             fv = parse_flags(command, rest)
             from clidim_jax.train import evaluate_workdir
 
-            evaluate_workdir(fv.workdir)
+            if fv.tile is not None and fv.tile < 2:
+                raise UsageError(f"--tile={fv.tile} is too small")
+            evaluate_workdir(fv.workdir, split=fv.split, metrics_mode=fv.metrics, tile=fv.tile)
+        elif command == "denoise":
+            fv, (input_path, output_path) = parse_args(command, rest)
+            run_denoise(fv, input_path, output_path)
+        elif command == "export":
+            fv, (out,) = parse_args(command, rest)
+            from clidim_jax.export import export_run
+
+            meta = export_run(
+                fv.workdir, out, overwrite=fv.overwrite, platforms=fv.platforms or None
+            )
+            print(f"wrote {out}: generator of depth {meta['depth']}, step {meta['run']['step']}")
         else:
             raise UsageError(f"unknown command {command!r}\n\n{USAGE}")
     except (UsageError, ConfigError, DataError, FileNotFoundError) as e:
@@ -134,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except FloatingPointError as e:
         print(f"clidim-jax {command}: training diverged: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # a checkpoint that cannot be written (full disk) or read
+        ckpt = sys.modules.get("clidim_jax.checkpointing")
+        if ckpt is None or not isinstance(e, ckpt.CheckpointError):
+            raise
+        print(f"clidim-jax {command}: checkpoint error: {e}", file=sys.stderr)
         return 1
     return 0
 

@@ -57,6 +57,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.normalization = "percentile"  # percentile (leak-free, stored) | reference
     c.data.percentiles = (0.1, 99.9)  # of the noisy training images
     c.data.augment = True  # random hflip + rot90 of training crops
+    # Validation region for choosing the best checkpoint: this fraction of the columns, taken
+    # from the right edge of the training region (never the test split). 0: no validation.
+    c.data.val_fraction = 0.0
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 128
@@ -67,6 +70,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.b1 = 0.5
     c.train.b2 = 0.999
     c.train.log_every = 50
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 500  # and always at the end and on SIGTERM/SIGINT; 0: only those
+    c.checkpoint.keep = 2  # the latest K checkpoints ...
+    c.checkpoint.keep_best = True  # ... plus the best by validation PSNR (if data.val_fraction > 0)
+    c.checkpoint.async_save = True  # write in the background while training continues
 
     c.loss = ml_collections.ConfigDict()
     c.loss.gan = 1.0
@@ -85,6 +94,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 4  # images per inference call
     c.eval.baseline_sigmas = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
+    c.eval.tile = 512  # images larger than this (padded) are predicted as overlapping tiles
+    c.eval.tile_overlap = 0  # least overlap of neighbouring tiles; 0: tile // 4
     return c
 
 
@@ -159,6 +170,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ConfigError("config.train.n_epochs and n_epochs_decay must be >= 0")
     if c.train.n_epochs + c.train.n_epochs_decay < 1:
         raise ConfigError("config.train.n_epochs + n_epochs_decay must be at least 1")
+    if c.checkpoint.every_steps < 0:
+        raise ConfigError(f"config.checkpoint.every_steps={c.checkpoint.every_steps} must be >= 0")
+    if c.checkpoint.keep < 1:
+        raise ConfigError(f"config.checkpoint.keep={c.checkpoint.keep} must be at least 1")
+    if not 0.0 <= c.data.val_fraction < 1.0:
+        raise ConfigError(f"config.data.val_fraction={c.data.val_fraction} must be in [0, 1)")
     for path in ("loss.gan", "loss.l1", "loss.ssim", "loss.tv", "loss.contrastive"):
         if _get(c, path) < 0:
             raise ConfigError(f"config.{path}={_get(c, path)} must be >= 0 (0 switches it off)")

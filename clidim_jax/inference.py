@@ -1,7 +1,24 @@
-"""Whole-image prediction with the generator in eval mode (BN running statistics, no dropout)."""
+"""Whole-image prediction with the generator in eval mode (BN running statistics, no dropout):
+reflect padding to the U-Net's size multiple, and overlapping tiles blended smoothly for images
+larger than a tile, so memory is bounded by the tile and each tile shape compiles once.
+
+Why tiles can reproduce the whole-image output exactly: in eval mode every layer is a convolution
+followed by a per-pixel affine map (BatchNorm with running statistics) and a pointwise activation,
+so an output pixel depends only on the input inside its receptive field. The U-Net is equivariant
+to shifts by multiples of 2**depth, so tiles start at such multiples. A tile's output then equals
+the whole image's output at every pixel whose receptive field lies inside the tile; near a tile
+edge that lies inside the image, the convolutions' zero padding differs. The blending window is
+therefore exactly zero within `margin` pixels of such an edge and ramps up (raised cosine) over
+the rest of the overlap: with `margin >= receptive_field_margin(depth)` tiled and whole-image
+outputs agree to float rounding. Deep U-Nets (depth 8: a receptive field over 1000 pixels) have a
+much smaller *effective* receptive field; there a smaller margin trades exactness for speed.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -9,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from clidim_jax.data.normalization import Normalization
+
+Progress = Callable[[int, int], None]
 
 
 def pad_to_multiple(img: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -21,15 +40,124 @@ def pad_to_multiple(img: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[i
     return img, (h, w)
 
 
-class Denoiser:
-    """Runs G (eval mode) on whole images in original units; one compilation per input shape."""
+def receptive_field(depth: int) -> tuple[int, int]:
+    """(left, right): how far, in input pixels, the U-Net's output at a pixel can look to either
+    side (the worst case over the 2**depth alignments), through the 4x4 stride-2 convolutions
+    (output j of a level reads inputs 2j-1 .. 2j+2), the 4x4 stride-2 transposed convolutions
+    (output o reads coarse inputs ceil(o/2)-1 .. floor((o+1)/2)) and the skip connections."""
 
-    def __init__(self, generator: Any, variables: dict, norm: Normalization, batch_size: int = 4):
+    def down(level: int, lo: int, hi: int) -> tuple[int, int]:
+        # pixels lo..hi of the down path's output at `level` read input pixels:
+        return (2**level) * lo - (2**level - 1), (2**level) * hi + 2 * (2**level - 1)
+
+    def up(level: int, lo: int, hi: int) -> tuple[int, int]:
+        # pixels lo..hi of the up path's input at `level` (skip concat transposed-conv output)
+        a, b = down(level, lo, hi)
+        if level == depth:
+            return a, b
+        c, d = up(level + 1, math.ceil(lo / 2) - 1, (hi + 1) // 2)
+        return min(a, c), max(b, d)
+
+    left = right = 0
+    for o in range(2**depth):
+        a, b = up(1, math.ceil(o / 2) - 1, (o + 1) // 2)  # the outermost transposed conv
+        left, right = max(left, o - a), max(right, b - o)
+    return left, right
+
+
+def receptive_field_margin(depth: int) -> int:
+    """The blending margin at which tiled prediction is exact (see the module docstring)."""
+    return max(receptive_field(depth))
+
+
+def _round_up(x: int, q: int) -> int:
+    return -(-x // q) * q
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """Tile geometry, in pixels of the padded image.
+
+    tile: tile side (rounded down to a multiple of 2**depth); images whose padded side fits in
+      it are predicted whole along that side.
+    overlap: the least overlap of neighbouring tiles (rounded up to a multiple of 2**depth).
+    margin: pixels next to a tile edge inside the image that get zero weight.
+    """
+
+    tile: int
+    overlap: int
+    margin: int
+
+    @classmethod
+    def make(
+        cls, multiple: int, tile: int, overlap: int | None = None, margin: int | None = None
+    ) -> Tiling:
+        if tile < multiple:
+            raise ValueError(f"tile size {tile} is smaller than the U-Net's size unit {multiple}")
+        tile = tile // multiple * multiple
+        overlap = tile // 4 if overlap is None or overlap <= 0 else overlap
+        overlap = max(multiple, _round_up(overlap, multiple))
+        if overlap >= tile:
+            raise ValueError(f"tile overlap {overlap} must be smaller than the tile ({tile})")
+        margin = overlap // 4 if margin is None or margin < 0 else margin
+        if 2 * margin >= overlap:
+            raise ValueError(f"tile margin {margin} must be less than half the overlap {overlap}")
+        return cls(tile, overlap, margin)
+
+    def positions(self, length: int) -> list[int]:
+        """Tile origins along an axis of `length` (a multiple of the size unit): a regular stride
+        of tile - overlap, the last tile flush with the end."""
+        if length <= self.tile:
+            return [0]
+        stride = self.tile - self.overlap
+        n = -(-(length - self.overlap) // stride)
+        return [min(k * stride, length - self.tile) for k in range(n)]
+
+    def ramp(self, d: np.ndarray) -> np.ndarray:
+        """0 for d < margin, then sin^2 up to 1 over overlap - 2 margin pixels. For two tiles
+        overlapping by exactly `overlap` the two ramps sum to 1 (a partition of unity)."""
+        r = self.overlap - 2 * self.margin
+        u = np.clip((d - self.margin + 1) / (r + 1), 0.0, 1.0)
+        return np.where(d < self.margin, 0.0, np.sin(0.5 * np.pi * u) ** 2)
+
+    def window(self, start: int, size: int, length: int) -> np.ndarray:
+        """The 1-D blending weights of the tile [start, start + size) on an axis of `length`."""
+        t = np.arange(size, dtype=np.float64)
+        w = np.ones(size)
+        if start > 0:
+            w = w * self.ramp(t)
+        if start + size < length:
+            w = w * self.ramp(size - 1 - t)
+        return w
+
+
+class Denoiser:
+    """Runs G (eval mode) on images in original units.
+
+    `generator` is a Flax module with `depth` and `apply(variables, x, train=False)` (or anything
+    with that interface, e.g. a model loaded by `clidim_jax.export.load_model`). Images whose
+    padded size fits in `tile` are predicted whole, `batch_size` at a time (one compilation per
+    image size); larger ones as overlapping tiles, `batch_size` tiles at a time (one compilation
+    per tile shape).
+    """
+
+    def __init__(
+        self,
+        generator: Any,
+        variables: Any,
+        norm: Normalization,
+        batch_size: int = 4,
+        *,
+        tile: int = 512,
+        overlap: int | None = None,
+        margin: int | None = None,
+    ):
         self.generator = generator
         self.variables = variables
         self.norm = norm
-        self.batch_size = batch_size
+        self.batch_size = max(1, int(batch_size))
         self.multiple = 2**generator.depth
+        self.tiling = Tiling.make(self.multiple, tile, overlap, margin)
 
         def predict(variables, x):
             y = generator.apply(variables, x, train=False)
@@ -37,21 +165,113 @@ class Denoiser:
 
         self._predict = jax.jit(predict)
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        """images: (N, H, W) or (H, W) in original units -> float32 denoised, same shape."""
+    @property
+    def exact_tiling(self) -> bool:
+        """Whether tiled outputs equal whole-image outputs: the margin covers the receptive field
+        and no layer normalises over the image (instance norm does)."""
+        if getattr(self.generator, "norm", "batch") == "instance":
+            return False
+        return self.tiling.margin >= receptive_field_margin(self.generator.depth)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        """x: (n <= batch_size, H, W) normalised float32 -> (n, H, W) in [-1, 1]. A full batch
+        every call keeps one compiled shape per (H, W)."""
+        n = x.shape[0]
+        if n < self.batch_size:
+            x = np.concatenate([x, np.repeat(x[-1:], self.batch_size - n, 0)], 0)
+        y = self._predict(self.variables, x[..., None].astype(np.float32))
+        return np.asarray(y)[:n, ..., 0]
+
+    def _forward(self, images: Sequence[np.ndarray], norms: Sequence[Normalization]) -> list:
+        padded = [
+            nm.apply(pad_to_multiple(np.asarray(im, np.float32), self.multiple)[0]).astype(
+                np.float32
+            )
+            for im, nm in zip(images, norms)
+        ]
+        y = self._run(np.stack(padded))
+        outs = []
+        for im, nm, yi in zip(images, norms, y):
+            h, w = im.shape
+            outs.append(np.asarray(nm.invert(yi[:h, :w].astype(np.float64)), np.float32))
+        return outs
+
+    def fits_whole(self, shape: tuple[int, int]) -> bool:
+        t = self.tiling.tile
+        return all(_round_up(s, self.multiple) <= t for s in shape)
+
+    def __call__(
+        self,
+        images: np.ndarray,
+        norms: Sequence[Normalization] | None = None,
+        progress: Progress | None = None,
+    ) -> np.ndarray:
+        """images: (N, H, W) or (H, W) in original units -> float32 denoised, same shape.
+
+        `norms` gives each image its own normalisation (the reference code's test-time per-image
+        min-max); by default every image uses the model's stored one.
+        """
+        images = np.asarray(images)
         single = images.ndim == 2
         images = images[None] if single else images
+        if images.ndim != 3:
+            raise ValueError(f"expected (H, W) or (N, H, W) images, got {images.shape}")
+        norms = [self.norm] * len(images) if norms is None else list(norms)
+        if not self.fits_whole(images.shape[1:]):
+            out = np.stack([self.denoise(im, nm, progress) for im, nm in zip(images, norms)])
+            return out[0] if single else out
         outs = []
-        for i in range(0, images.shape[0], self.batch_size):
-            chunk = images[i : i + self.batch_size]
-            padded = [pad_to_multiple(im.astype(np.float32), self.multiple)[0] for im in chunk]
-            h, w = chunk.shape[1:]
-            n = len(padded)
-            # A full batch every call keeps one compiled shape per image size.
-            while len(padded) < self.batch_size:
-                padded.append(padded[-1])
-            x = self.norm.apply(np.stack(padded)[..., None]).astype(np.float32)
-            y = np.asarray(self._predict(self.variables, x))[:n, :h, :w, 0]
-            outs.append(self.norm.invert(y.astype(np.float64)).astype(np.float32))
-        out = np.concatenate(outs, 0)
+        for i in range(0, len(images), self.batch_size):
+            sl = slice(i, i + self.batch_size)
+            outs.extend(self._forward(list(images[sl]), norms[sl]))
+            if progress is not None:
+                progress(min(i + self.batch_size, len(images)), len(images))
+        out = np.stack(outs)
         return out[0] if single else out
+
+    def denoise(
+        self,
+        image: np.ndarray,
+        norm: Normalization | None = None,
+        progress: Progress | None = None,
+    ) -> np.ndarray:
+        """One (H, W) image -> float32 (H, W), whole or tiled."""
+        norm = self.norm if norm is None else norm
+        image = np.asarray(image)
+        if image.ndim != 2:
+            raise ValueError(f"expected an (H, W) image, got {image.shape}")
+        if self.fits_whole(image.shape):
+            out = self._forward([image], [norm])[0]
+            if progress is not None:
+                progress(1, 1)
+            return out
+        return self._tiled(image, norm, progress)
+
+    def _tiled(self, image: np.ndarray, norm: Normalization, progress: Progress | None):
+        h, w = image.shape
+        x = norm.apply(pad_to_multiple(image.astype(np.float32), self.multiple)[0])
+        x = x.astype(np.float32)
+        ph, pw = x.shape
+        tl = self.tiling
+        th, tw = min(tl.tile, ph), min(tl.tile, pw)
+        ys, xs = tl.positions(ph), tl.positions(pw)
+        # Separable windows on a product grid: the weight sum is separable too.
+        wy = {y: tl.window(y, th, ph) for y in ys}
+        wx = {x0: tl.window(x0, tw, pw) for x0 in xs}
+        norm_y, norm_x = np.zeros(ph), np.zeros(pw)
+        for y in ys:
+            norm_y[y : y + th] += wy[y]
+        for x0 in xs:
+            norm_x[x0 : x0 + tw] += wx[x0]
+        acc = np.zeros((ph, pw), np.float32)
+        origins = [(y, x0) for y in ys for x0 in xs]
+        for i in range(0, len(origins), self.batch_size):
+            batch = origins[i : i + self.batch_size]
+            tiles = np.stack([x[y : y + th, x0 : x0 + tw] for y, x0 in batch])
+            pred = self._run(tiles)
+            for (y, x0), p in zip(batch, pred):
+                weight = (wy[y] / norm_y[y : y + th])[:, None] * (wx[x0] / norm_x[x0 : x0 + tw])
+                acc[y : y + th, x0 : x0 + tw] += (p * weight).astype(np.float32)
+            if progress is not None:
+                progress(min(i + self.batch_size, len(origins)), len(origins))
+        return np.asarray(norm.invert(acc[:h, :w].astype(np.float64)), np.float32)

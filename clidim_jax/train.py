@@ -3,21 +3,35 @@ evaluation. Also `evaluate_workdir` for re-evaluating a finished run."""
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import dataclasses
 import functools
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
+import flax
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from clu import metrics as clu_metrics
 from clu import parameter_overview
 
 from clidim_jax import config_lib
-from clidim_jax.checkpointing import Checkpoints
-from clidim_jax.data import Normalization, PairedImages, load_datasets
+from clidim_jax import metrics as metrics_lib
+from clidim_jax.checkpointing import (
+    BEST_METRIC,
+    Checkpoints,
+    IncompatibleCheckpoint,
+    StopRequest,
+    nonfinite_leaves,
+)
+from clidim_jax.data import Normalization, PairedImages
+from clidim_jax.data.datasets import load_splits
 from clidim_jax.evaluate import evaluate, format_result
 from clidim_jax.inference import Denoiser
 from clidim_jax.state import (
@@ -60,13 +74,17 @@ def make_metrics_collection(names: list[str]) -> type[clu_metrics.Collection]:
 
 
 def run_metadata(
-    config: ml_collections.ConfigDict, norm: Normalization, train: PairedImages
+    config: ml_collections.ConfigDict,
+    norm: Normalization,
+    train: PairedImages,
+    metric_names: list[str] | None = None,
 ) -> dict:
     return {
         "config": json.loads(config.to_json_best_effort()),
         "normalization": json.loads(norm.to_json()),
         "train_region": train.name,
         "n_train_images": len(train),
+        "metric_names": list(metric_names or []),
     }
 
 
@@ -92,95 +110,396 @@ def generator_variables(state: TrainState) -> dict:
     return {"params": state.g_params, "batch_stats": state.g_batch_stats}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains the configured model in `workdir`, then evaluates it on the test split."""
-    config_lib.validate(config)
-    train_ds, test_ds = load_datasets(config.data)  # every data error surfaces before training
-    os.makedirs(workdir, exist_ok=True)
+# ------------------------------------------------------------------------------------ resuming
 
+# Config fields a resumed run must share with its checkpoint: they fix the arrays of the state,
+# or the data and the random stream the state was trained on. Other fields (training length,
+# loss weights, logging, checkpoint policy) may change on resume; the change is reported.
+FIXED_ON_RESUME = (
+    "seed",
+    "model.",
+    "data.source",
+    "data.path",
+    "data.test_fraction",
+    "data.val_fraction",
+    "data.patch_size",
+    "data.normalization",
+    "data.percentiles",
+    "loss.head_features",
+)
+
+
+def config_changes(stored: dict, config: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
+    """(field, value in the checkpoint, value now) for the fields both have that differ."""
+    old = _flatten(stored)
+    new = _flatten(json.loads(config.to_json_best_effort()))
+    return [(k, old[k], new[k]) for k in sorted(set(old) & set(new)) if old[k] != new[k]]
+
+
+def _check_resumable(config: ml_collections.ConfigDict, workdir: str, meta: dict) -> None:
+    if "metric_names" not in meta:
+        raise IncompatibleCheckpoint(
+            f"{workdir}: its checkpoints were written by an older clidim-jax without the loop "
+            "state needed to resume; evaluate them, or train in a new --workdir"
+        )
+    fixed = [
+        (k, a, b)
+        for k, a, b in config_changes(meta["config"], config)
+        if any(k == f or (f.endswith(".") and k.startswith(f)) for f in FIXED_ON_RESUME)
+    ]
+    if fixed:
+        diffs = "; ".join(f"config.{k} is {a!r} in the checkpoint, {b!r} now" for k, a, b in fixed)
+        raise IncompatibleCheckpoint(
+            f"{workdir} holds a run this config cannot continue: {diffs}. Use the same value, "
+            "or another --workdir for a new run (nothing in the workdir was changed)"
+        )
+
+
+def _keep_metric_lines(workdir: str, last_step: int) -> int:
+    """Drops the metrics.jsonl lines of steps after `last_step` (written by a run after its
+    last checkpoint, so the resumed run writes them again) and the `eval/` lines of a previous
+    final evaluation (stale once training goes on). Returns how many were dropped."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+            if row["step"] <= last_step and not any(k.startswith("eval/") for k in row):
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # a line cut short by a kill
+    if len(keep) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+    return len(lines) - len(keep)
+
+
+# ------------------------------------------------------------------------------- the train loop
+
+
+@flax.struct.dataclass
+class LoopCarry:
+    """What one jitted loop step reads and writes (donated): the train state, the metric sums of
+    the logging interval in progress, and the first step whose metrics were not finite."""
+
+    state: TrainState
+    metrics: Any  # a clu Collection of Averages
+    bad_step: jax.Array  # int32, -1 while every metric has been finite
+    bad_terms: jax.Array  # int32 bit mask over the sorted metric names, at bad_step
+
+
+def make_loop_step(step_fn: Callable, names: list[str]) -> Callable:
+    """(carry, data, key) -> (carry, bad_step): the train step, the metric accumulation and the
+    non-finite check, all in the one XLA program. `bad_step` is returned separately (not donated)
+    so the host can poll it without waiting for the step."""
+    collection = make_metrics_collection(names)
+
+    def loop_step(carry: LoopCarry, data, key):
+        state, m = step_fn(carry.state, data, key)
+        m = {k: jnp.asarray(m[k], jnp.float32) for k in names}
+        bits = jnp.stack([~jnp.isfinite(m[k]) for k in names]).astype(jnp.int32)
+        mask = jnp.sum(bits << jnp.arange(len(names), dtype=jnp.int32))
+        first = (carry.bad_step < 0) & (mask != 0)
+        bad_step = jnp.where(first, state.step, carry.bad_step)
+        carry = LoopCarry(
+            state=state,
+            metrics=carry.metrics.merge(collection.single_from_model_output(**m)),
+            bad_step=bad_step,
+            bad_terms=jnp.where(first, mask, carry.bad_terms),
+        )
+        return carry, bad_step + 0
+
+    return loop_step
+
+
+def _loop_item(carry: LoopCarry, key: jax.Array, names: list[str]) -> dict:
+    """The checkpoint's `loop` item: the PRNG key and the interval's metric sums."""
+    sums = {
+        n: {"total": getattr(carry.metrics, n).total, "count": getattr(carry.metrics, n).count}
+        for n in names
+    }
+    return {"rng": jax.random.key_data(key), "metrics": sums}
+
+
+def _abstract_loop_item(meta: dict) -> dict:
+    rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+    scalar = {
+        "total": jax.ShapeDtypeStruct((), jnp.float32),
+        "count": jax.ShapeDtypeStruct((), jnp.int32),
+    }
+    return {"rng": rng, "metrics": {n: dict(scalar) for n in meta["metric_names"]}}
+
+
+def _accumulator(names: list[str], sums: dict | None) -> Any:
+    collection = make_metrics_collection(names)
+    empty = collection.empty()
+    if not sums or sorted(sums) != names:
+        return empty
+    return empty.replace(
+        **{
+            n: clu_metrics.Average(total=jnp.asarray(s["total"]), count=jnp.asarray(s["count"]))
+            for n, s in sums.items()
+        }
+    )
+
+
+def _nonfinite_error(carry: LoopCarry, names: list[str], last_saved: int | None) -> str | None:
+    step = int(carry.bad_step)
+    if step < 0:
+        return None
+    mask = int(carry.bad_terms)
+    terms = ", ".join(n for i, n in enumerate(names) if mask >> i & 1)
+    kept = (
+        f"the last checkpoint (step {last_saved}) is intact"
+        if last_saved is not None
+        else "no checkpoint was saved"
+    )
+    return (
+        f"non-finite loss at step {step}: {terms}. Training stopped; {kept} (no state after "
+        "the divergence was saved). Lower train.lr or check the data."
+    )
+
+
+def validation_psnr(denoiser: Denoiser, val: PairedImages, state: TrainState) -> float:
+    """Mean PSNR (comparable convention, METHOD.md section 7) of G on the validation region."""
+    denoiser.variables = generator_variables(state)
+    try:
+        preds = denoiser(val.noisy)
+    finally:
+        denoiser.variables = None  # the state's buffers are donated to the next step
+    return float(np.mean([metrics_lib.psnr(val.pair(i)[1], p) for i, p in enumerate(preds)]))
+
+
+@dataclasses.dataclass
+class TrainRun:
+    """The outcome of `train`."""
+
+    config: ml_collections.ConfigDict
+    nets: Networks
+    state: TrainState
+    norm: Normalization
+    step: int
+    num_steps: int
+    stopped_by: str | None  # the signal that stopped training early, if any
+    test: PairedImages
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
+    """Trains in `workdir`, continuing from its latest checkpoint if there is one.
+
+    Bit-exact resume: the state, the PRNG key and the metric sums of the logging interval in
+    progress are restored, every step's randomness is fold_in(key, step), and the data stay on
+    the device, so an interrupted run continues exactly as if it had not stopped."""
+    config_lib.validate(config)
+    train_ds, val_ds, test_ds = load_splits(config.data)  # data errors before the workdir
     nets = build_networks(config)
     spe = steps_per_epoch(config, len(train_ds))
     num_steps = total_steps(config, len(train_ds))
     norm = compute_normalization(config, train_ds)
-    meta = run_metadata(config, norm, train_ds)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2)
+    cc = config.checkpoint
 
-    root_key = jax.random.key(config.seed)
-    init_key, train_key = jax.random.split(root_key)
-    state = jax.jit(functools.partial(init_state, nets))(init_key)
-    ckpts = Checkpoints(workdir, max_to_keep=2)
-    start = ckpts.latest_step()
-    if start is not None:
-        state, _ = ckpts.restore(jax.eval_shape(lambda: state))
-        _say(f"resumed from checkpoint at step {start}")
+    init_key, train_key = jax.random.split(jax.random.key(config.seed))
+    abstract_state = jax.eval_shape(functools.partial(init_state, nets), init_key)
+    data = jax.device_put(
+        {"noisy": train_ds.noisy, "clean": train_ds.clean, "clean_index": train_ds.clean_index}
+    )
+    names = sorted(
+        jax.eval_shape(
+            make_sampled_train_step(config, nets, spe, norm), abstract_state, data, train_key
+        )[1]
+    )
 
+    ckpts = Checkpoints(
+        workdir,
+        keep=cc.keep,
+        keep_best=bool(cc.keep_best and val_ds is not None),
+        async_save=cc.async_save,
+    )
+    try:
+        restored = ckpts.restore_latest(
+            abstract_state,
+            _abstract_loop_item,
+            check_meta=functools.partial(_check_resumable, config, workdir),
+            say=_say,
+        )
+    except BaseException:
+        ckpts.close()
+        raise
+    if restored is not None:
+        for k, a, b in config_changes(restored.meta["config"], config):
+            _say(f"resuming with a changed config: {k} {a!r} -> {b!r}")
+        state, key = restored.state, jax.random.wrap_key_data(restored.loop["rng"])
+        norm = Normalization.from_dict(restored.meta["normalization"])
+        sums = restored.loop["metrics"]
+        in_interval = int(next(iter(sums.values()))["count"]) if sums else 0
+        acc = _accumulator(names, sums)
+        if restored.meta["metric_names"] != names:
+            _say("the logged metrics changed: the logging interval in progress starts afresh")
+        kept_until = restored.step - in_interval
+        dropped = _keep_metric_lines(workdir, kept_until)
+        _say(
+            f"resumed from checkpoint {restored.step}"
+            + (f" (dropped {dropped} metrics.jsonl lines written after it)" if dropped else "")
+        )
+    else:
+        kept_until = None
+        _keep_metric_lines(workdir, 0)  # lines of a run that never saved a checkpoint
+        state = jax.jit(functools.partial(init_state, nets))(init_key)
+        key, acc = train_key, make_metrics_collection(names).empty()
+    start = int(restored.step) if restored is not None else 0
+    last_saved = start if restored is not None else None
+
+    meta = run_metadata(config, norm, train_ds, names)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
     _say(
         f"{config.name}:{config.variant} on {train_ds.name} ({len(train_ds)} images of "
         f"{train_ds.shape[0]}x{train_ds.shape[1]}), patch {config.data.patch_size}, "
         f"batch {config.train.batch_size}, {spe} steps/epoch, {num_steps} steps, "
         f"devices {jax.devices()}"
+        + (f"; validation on {val_ds.name}" if val_ds is not None else "")
     )
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir, purge_step=None if kept_until is None else kept_until + 1)
     for name, params in (("generator", state.g_params), ("discriminator", state.d_params)):
         overview = parameter_overview.get_parameter_overview(params, include_stats=False)
-        with open(os.path.join(workdir, f"parameters_{name}.txt"), "w", encoding="utf-8") as f:
-            f.write(overview + "\n")
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, f"parameters_{name}.txt"), "w", encoding="utf-8") as f:
+                f.write(overview + "\n")
         n = parameter_overview.count_parameters(params)
         _say(f"{name}: {n:,} parameters\n{overview}")
-        writer.write_texts(int(state.step), {f"parameters/{name}": f"```\n{overview}\n```"})
+        writer.write_texts(start, {f"parameters/{name}": f"```\n{overview}\n```"})
 
-    data = jax.device_put(
-        {"noisy": train_ds.noisy, "clean": train_ds.clean, "clean_index": train_ds.clean_index}
+    loop_step = jax.jit(
+        make_loop_step(make_sampled_train_step(config, nets, spe, norm), names),
+        donate_argnums=(0,),
     )
-    step_fn = jax.jit(make_sampled_train_step(config, nets, spe, norm), donate_argnums=(0,))
+    denoiser = (
+        Denoiser(nets.generator, None, norm, config.eval.batch_size) if val_ds is not None else None
+    )
+    carry = LoopCarry(state, acc, jnp.int32(-1), jnp.int32(0))
+    del state, acc
+    log_every, every = config.train.log_every, cc.every_steps
 
-    log_every = config.train.log_every
-    collection = None
-    acc = None
-    step = int(state.step)
-    t_compile = time.perf_counter()
-    t_mark, step_mark = None, step
-    while step < num_steps:
-        state, m = step_fn(state, data, train_key)
-        step += 1
-        if collection is None:  # first step: compile; time it separately from throughput
-            collection = make_metrics_collection(sorted(m))
-            jax.block_until_ready(m)
-            _say(f"compiled and ran the first step in {time.perf_counter() - t_compile:.1f} s")
-            t_mark, step_mark = time.perf_counter(), step
-        upd = collection.single_from_model_output(**m)
-        acc = upd if acc is None else acc.merge(upd)
-        if step % log_every == 0 or step == num_steps:
-            values = {k: float(v) for k, v in acc.compute().items()}
-            acc = None
-            _check_finite(values, step)
-            writer.write_scalars(step, values)
-            now = time.perf_counter()
-            rate = (
-                (step - step_mark) / max(now - t_mark, 1e-9) if step > step_mark else float("nan")
-            )
-            left = (num_steps - step) / rate if rate > 0 else float("nan")
-            shown = " ".join(f"{k} {v:.4g}" for k, v in values.items() if k != "lr")
-            _say(
-                f"step {step}/{num_steps} (epoch {(step - 1) // spe + 1}) | {shown} | "
-                f"{rate:.2f} steps/s | {_fmt_time(left) if left == left else '?'} left"
-            )
-    writer.flush()
-    jax.block_until_ready(state)
-    ckpts.save(step, state, meta, force=True)
-    ckpts.close()
+    def log(step: int, rate_from: tuple[float, int] | None, reset: bool) -> None:
+        nonlocal carry
+        error = _nonfinite_error(carry, names, last_saved)
+        if error:
+            raise FloatingPointError(error)
+        values = {k: float(v) for k, v in jax.device_get(carry.metrics.compute()).items()}
+        if reset:  # a full interval; a partial one (end, stop) stays open in the checkpoint
+            carry = carry.replace(metrics=make_metrics_collection(names).empty())
+        writer.write_scalars(step, values)
+        writer.flush()
+        rate = float("nan")
+        if rate_from is not None and step > rate_from[1]:
+            rate = (step - rate_from[1]) / max(time.perf_counter() - rate_from[0], 1e-9)
+        left = (num_steps - step) / rate if rate > 0 else float("nan")
+        shown = " ".join(f"{k} {v:.4g}" for k, v in values.items() if k != "lr")
+        _say(
+            f"step {step}/{num_steps} (epoch {(step - 1) // spe + 1}) | {shown} | "
+            f"{rate:.2f} steps/s | {_fmt_time(left) if left == left else '?'} left"
+        )
 
-    denoiser = Denoiser(nets.generator, generator_variables(state), norm, config.eval.batch_size)
+    def save(step: int, *, validate: bool) -> None:
+        nonlocal last_saved
+        error = _nonfinite_error(carry, names, last_saved)
+        if error:
+            raise FloatingPointError(error)
+        bad = nonfinite_leaves(carry.state)
+        if bad:
+            raise FloatingPointError(
+                f"non-finite values in the train state at step {step} ({', '.join(bad[:3])}); "
+                f"not saved. The last checkpoint (step {last_saved}) is intact."
+            )
+        metrics = None
+        if validate and denoiser is not None:
+            psnr = validation_psnr(denoiser, val_ds, carry.state)
+            metrics = {BEST_METRIC: psnr}
+            writer.write_scalars(step, {"val/psnr": psnr})
+            _say(f"step {step}: validation PSNR {psnr:.3f} dB on {val_ds.name}")
+        ckpts.save(step, carry.state, _loop_item(carry, key, names), meta, metrics=metrics)
+        last_saved = step
+
+    step = start
+    stopped_by = None
+    rate_from = None
+    pending: collections.deque = collections.deque()
+    finished = False
+    try:
+        with StopRequest() as stop:
+            while step < num_steps:
+                t0 = time.perf_counter()
+                carry, flag = loop_step(carry, data, key)
+                step += 1
+                if rate_from is None:  # the first step compiles: time it apart from throughput
+                    jax.block_until_ready(flag)
+                    _say(f"compiled and ran the first step in {time.perf_counter() - t0:.1f} s")
+                    rate_from = (time.perf_counter(), step)
+                # Non-finite losses: each step's flag is copied to the host in the background
+                # and read once it is ready, so a divergence stops training within a step or two
+                # of dispatch without ever waiting for the device.
+                flag.copy_to_host_async()
+                pending.append(flag)
+                while pending and pending[0].is_ready():
+                    if int(pending.popleft()) >= 0:
+                        raise FloatingPointError(_nonfinite_error(carry, names, last_saved))
+                boundary = step % log_every == 0
+                stopping = stop.should_stop(step, boundary=boundary)
+                if boundary or stopping or step == num_steps:
+                    pending.clear()
+                    log(step, rate_from, reset=boundary)
+                if stopping or step == num_steps or (every > 0 and step % every == 0):
+                    save(step, validate=not stopping)
+                if stopping:
+                    stopped_by = stop.signal_name
+                    break
+        ckpts.wait_until_finished()
+        finished = True
+    finally:
+        writer.flush()
+        if finished:
+            ckpts.close()
+        else:  # an error is on its way out; still let an in-flight (good) save complete
+            with contextlib.suppress(Exception):
+                ckpts.close()
+    if stopped_by:
+        _say(
+            f"stopped by {stopped_by} at step {step}/{num_steps}: checkpoint {step} saved in "
+            f"{ckpts.directory}; run the same `train` command to resume"
+        )
+    elif start >= num_steps:
+        _say(f"{workdir} is trained to step {start} (>= {num_steps} steps): nothing to train")
+    writer.close()
+    return TrainRun(config, nets, carry.state, norm, step, num_steps, stopped_by, test_ds)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains the configured model in `workdir` (resuming from its checkpoints), then evaluates
+    it on the test split. Stopped by SIGTERM/SIGINT, it saves, skips evaluation and returns
+    {"stopped_by": signal, "step": step}."""
+    run = train(config, workdir)
+    if run.stopped_by:
+        return {"stopped_by": run.stopped_by, "step": run.step}
+    denoiser = Denoiser(
+        run.nets.generator, generator_variables(run.state), run.norm, config.eval.batch_size
+    )
     result = evaluate(
         denoiser,
-        test_ds,
+        run.test,
         workdir,
         dataset=_dataset_name(config),
         baseline_sigmas=tuple(config.eval.baseline_sigmas),
         write=jax.process_index() == 0,
     )
-    writer.write_scalars(step, {f"eval/{k}": v for k, v in result["output"].items()})
+    writer = MetricWriter(workdir, tensorboard=True)
+    writer.write_scalars(run.step, {f"eval/{k}": v for k, v in result["output"].items()})
     writer.close()
     _say(format_result(result))
     return result
@@ -190,41 +509,35 @@ def _dataset_name(config: ml_collections.ConfigDict) -> str:
     return "acsn_tirf" if config.data.source == "demo" else os.path.basename(config.data.path)
 
 
-def _check_finite(values: dict[str, float], step: int) -> None:
-    bad = [k for k, v in values.items() if not np.isfinite(v)]
-    if bad:
-        raise FloatingPointError(f"non-finite loss at step {step}: {', '.join(bad)}")
-
-
 def restore_run(
     workdir: str,
 ) -> tuple[ml_collections.ConfigDict, Networks, TrainState, Normalization]:
-    """Rebuilds config, networks, state and normalisation from a workdir's latest checkpoint."""
+    """Rebuilds config, networks, state and normalisation from a workdir's latest readable
+    checkpoint (a damaged newer one is reported and skipped, not moved)."""
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise FileNotFoundError(f"{workdir}: no checkpoint found (train a model there first)")
-    ckpts = Checkpoints(workdir)
-    if ckpts.latest_step() is None:
-        raise FileNotFoundError(f"{workdir}: no checkpoint found (train a model there first)")
-    meta = ckpts.restore_meta()
-    config = config_from_metadata(meta)
-    nets = build_networks(config)
-    abstract = jax.eval_shape(functools.partial(init_state, nets), jax.random.key(0))
-    state, _ = ckpts.restore(abstract)
-    ckpts.close()
-    return config, nets, state, Normalization.from_dict(meta["normalization"])
+    ckpts = Checkpoints(workdir, read_only=True, async_save=False)
+    try:
+        for step in reversed(ckpts.all_steps()):
+            try:
+                meta = ckpts.read_meta(step)
+                config = config_from_metadata(meta)
+                nets = build_networks(config)
+                abstract = jax.eval_shape(functools.partial(init_state, nets), jax.random.key(0))
+                state, _, _ = ckpts.restore_step(step, abstract, None, meta)
+            except IncompatibleCheckpoint:
+                raise
+            except Exception as e:  # a damaged checkpoint: try the one before
+                _say(f"checkpoint {step} is damaged ({type(e).__name__}: {e}); trying an older one")
+                continue
+            return config, nets, state, Normalization.from_dict(meta["normalization"])
+    finally:
+        ckpts.close()
+    raise FileNotFoundError(f"{workdir}: no checkpoint found (train a model there first)")
 
 
-def evaluate_workdir(workdir: str) -> dict[str, Any]:
-    config, nets, state, norm = restore_run(workdir)
-    _, test_ds = load_datasets(config.data)
-    denoiser = Denoiser(nets.generator, generator_variables(state), norm, config.eval.batch_size)
-    result = evaluate(
-        denoiser,
-        test_ds,
-        workdir,
-        dataset=_dataset_name(config),
-        baseline_sigmas=tuple(config.eval.baseline_sigmas),
-        write=jax.process_index() == 0,
-    )
-    _say(format_result(result))
-    return result
+def evaluate_workdir(workdir: str, **kwargs: Any) -> dict[str, Any]:
+    """Re-evaluates a finished run (`clidim_jax.evaluate.evaluate_run`: split, metrics, tile)."""
+    from clidim_jax.evaluate import evaluate_run
+
+    return evaluate_run(workdir, **kwargs)

@@ -20,7 +20,9 @@ def _to_python(v):
 
 
 class MetricWriter:
-    def __init__(self, workdir: str, *, tensorboard: bool = True):
+    def __init__(self, workdir: str, *, tensorboard: bool = True, purge_step: int | None = None):
+        """`purge_step`: a resumed run hides the TensorBoard events of steps >= purge_step that
+        the interrupted run wrote after its last checkpoint."""
         self.active = jax.process_index() == 0
         self._jsonl = None
         self._tb = None
@@ -31,7 +33,9 @@ class MetricWriter:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(
+                logdir=os.path.join(workdir, "tensorboard"), purge_step=purge_step
+            )
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.active:

@@ -81,8 +81,61 @@ def split_stack(
     return train, test
 
 
+def carve_validation(
+    train: PairedImages, val_fraction: float, full_width: int
+) -> tuple[PairedImages, PairedImages | None]:
+    """Splits the validation region off the right edge of the training region: the last
+    round(full_width * val_fraction) columns. The test split is never touched (the reference
+    code picked its best checkpoint on the test set, METHOD.md section 7)."""
+    if val_fraction <= 0:
+        return train, None
+    w = train.shape[1]
+    w_val = int(round(full_width * val_fraction))
+    if w_val < 1 or w_val >= w:
+        raise DataError(
+            f"{train.name}: data.val_fraction={val_fraction} leaves {w - w_val} of the "
+            f"{w} training columns"
+        )
+    base, sep, _ = train.name.partition("[")
+    offset = full_width - w
+    cut = w - w_val
+
+    def region(a: int, b: int) -> str:
+        return f"{base}[:, :, {offset + a}:{offset + b}]" if sep else f"{base}[{a}:{b}]"
+
+    keep = PairedImages(
+        train.noisy[:, :, :cut], train.clean[:, :, :cut], train.clean_index, region(0, cut)
+    )
+    val = PairedImages(
+        train.noisy[:, :, cut:], train.clean[:, :, cut:], train.clean_index, region(cut, w)
+    )
+    return keep, val
+
+
+def load_splits(
+    data: ml_collections.ConfigDict,
+) -> tuple[PairedImages, PairedImages | None, PairedImages]:
+    """Returns (train, validation or None, test), validated before any training starts."""
+    train, test = _load_train_test(data)
+    full_width = train.shape[1] + test.shape[1]
+    train, val = carve_validation(train, float(data.get("val_fraction", 0.0)), full_width)
+    p = data.patch_size
+    if val is not None and min(train.shape) < p:
+        raise DataError(
+            f"{train.name}: without the validation region (data.val_fraction={data.val_fraction}) "
+            f"the training region is {train.shape[0]}x{train.shape[1]} pixels, smaller than "
+            f"data.patch_size={p}"
+        )
+    return train, val, test
+
+
 def load_datasets(data: ml_collections.ConfigDict) -> tuple[PairedImages, PairedImages]:
-    """Returns (train, test) for the configured source, validated before any training starts."""
+    """Returns (train, test) for the configured source (train without any validation region)."""
+    train, _, test = load_splits(data)
+    return train, test
+
+
+def _load_train_test(data: ml_collections.ConfigDict) -> tuple[PairedImages, PairedImages]:
     if data.source == "demo":
         path = demo_stack_path()
         name = "acsn_tirf"

@@ -1,0 +1,204 @@
+"""A portable model file: the trained generator as a serialized `jax.export` artifact, with its
+weights, intensity normalisation and metadata, in one zip archive.
+
+Contents of the file (a plain zip, no pickles):
+  clidim_model.json     format, normalisation, U-Net depth, tiling defaults, provenance
+  generator.jaxexport   `jax.export.Exported.serialize()` of G.apply(variables, x, train=False),
+                        eval mode, with symbolic input shape (b, 2**depth * h, 2**depth * w, 1)
+  variables.npz         the generator's parameters and BatchNorm statistics, as the exported
+                        function's flattened argument leaves
+
+The weights are an argument of the exported function, not constants folded into it, so the
+compiled program is the one `jax.jit` builds from the checkpoint and the outputs are bit-for-bit
+the same on the same machine. Running a model file needs only jax and numpy: no Flax module, no
+config, no checkpoint (`load_model`, `clidim-jax denoise --model FILE`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import os
+import zipfile
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clidim_jax.data.normalization import Normalization
+from clidim_jax.data.tiff import DataError
+from clidim_jax.inference import Denoiser
+
+FORMAT = "clidim-jax-model"
+FORMAT_VERSION = 1
+_META, _EXPORTED, _VARIABLES = "clidim_model.json", "generator.jaxexport", "variables.npz"
+
+
+def export_generator(
+    generator: Any, variables: Any, *, platforms: Sequence[str] | None = None
+) -> jax.export.Exported:
+    """Exports eval-mode G for any batch size and any image size divisible by 2**depth."""
+    q = 2**generator.depth
+
+    def predict(variables, x):
+        return generator.apply(variables, x, train=False).astype(jnp.float32)
+
+    var_specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), variables)
+    b, h, w = jax.export.symbolic_shape(f"b, {q}*h, {q}*w")
+    x_spec = jax.ShapeDtypeStruct((b, h, w, 1), jnp.float32)
+    return jax.export.export(jax.jit(predict), platforms=platforms)(var_specs, x_spec)
+
+
+class ExportedGenerator:
+    """The Flax-module interface `Denoiser` needs (`depth`, `apply`), backed by an Exported."""
+
+    def __init__(self, exported: jax.export.Exported, depth: int):
+        self.exported = exported
+        self.depth = int(depth)
+
+    def apply(self, variables: Any, x: jax.Array, *, train: bool = False) -> jax.Array:
+        if train:
+            raise ValueError("an exported generator runs in eval mode only")
+        return self.exported.call(variables, x)
+
+
+def save_model(
+    path: str,
+    exported: jax.export.Exported,
+    variables: Any,
+    norm: Normalization,
+    meta: dict,
+    *,
+    overwrite: bool = False,
+) -> None:
+    """Writes the model file atomically (temporary file, then rename)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a folder, expected an output file name")
+    if os.path.exists(path) and not overwrite:
+        raise DataError(f"{path}: already exists (pass --overwrite to replace it)")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise DataError(f"{path}: the folder {parent} does not exist")
+    leaves = jax.tree.leaves(variables)
+    buf = io.BytesIO()
+    np.savez(buf, **{f"{i:06d}": np.asarray(v) for i, v in enumerate(leaves)})
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "normalization": json.loads(norm.to_json()),
+        "platforms": list(exported.platforms),
+        "jax_version": jax.__version__,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **meta,
+    }
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.{os.getpid()}.partial")
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
+            z.writestr(_META, json.dumps(header, indent=2))
+            z.writestr(_EXPORTED, bytes(exported.serialize()))
+            z.writestr(_VARIABLES, buf.getvalue())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_model(path: str) -> tuple[ExportedGenerator, Any, Normalization, dict]:
+    """Reads a model file: (generator, variables, normalisation, metadata)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: model file not found")
+    try:
+        with zipfile.ZipFile(path) as z:
+            meta = json.loads(z.read(_META))
+            blob = z.read(_EXPORTED)
+            with np.load(io.BytesIO(z.read(_VARIABLES))) as npz:
+                leaves = [npz[k] for k in sorted(npz.files)]
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError) as e:
+        raise DataError(f"{path}: not a clidim-jax model file ({type(e).__name__}: {e})") from None
+    if meta.get("format") != FORMAT:
+        raise DataError(f"{path}: not a clidim-jax model file (format {meta.get('format')!r})")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise DataError(
+            f"{path}: model format version {meta['format_version']} is newer than this "
+            f"clidim-jax understands ({FORMAT_VERSION}); upgrade clidim-jax"
+        )
+    try:
+        exported = jax.export.deserialize(bytearray(blob))
+    except Exception as e:
+        raise DataError(f"{path}: cannot load the exported generator ({e})") from None
+    backend = jax.default_backend()
+    if backend not in exported.platforms:
+        raise DataError(
+            f"{path}: exported for {', '.join(exported.platforms)}, this machine runs {backend} "
+            "(export again with --platforms including it)"
+        )
+    n_var = exported.in_tree.num_leaves - 1  # the last leaf is the image batch
+    if len(leaves) != n_var:
+        raise DataError(f"{path}: {len(leaves)} weight arrays, the generator takes {n_var}")
+    (variables, _), _ = jax.tree.unflatten(exported.in_tree, [*leaves, None])
+    for leaf, aval in zip(leaves, exported.in_avals):
+        if tuple(leaf.shape) != tuple(aval.shape) or leaf.dtype != aval.dtype:
+            raise DataError(f"{path}: weights do not match the exported generator")
+    generator = ExportedGenerator(exported, meta["depth"])
+    return generator, variables, Normalization.from_dict(meta["normalization"]), meta
+
+
+def denoiser_from_model(
+    path: str,
+    *,
+    tile: int | None = None,
+    overlap: int | None = None,
+    batch_size: int | None = None,
+) -> Denoiser:
+    """A `Denoiser` running a model file; tiling defaults are those stored at export."""
+    generator, variables, norm, meta = load_model(path)
+    return Denoiser(
+        generator,
+        jax.device_put(variables),
+        norm,
+        batch_size or int(meta.get("batch_size", 4)),
+        tile=tile or int(meta.get("tile", 512)),
+        overlap=overlap if overlap is not None else meta.get("tile_overlap"),
+    )
+
+
+def export_run(
+    workdir: str,
+    out: str,
+    *,
+    overwrite: bool = False,
+    platforms: Sequence[str] | None = None,
+) -> dict:
+    """Exports the latest checkpoint of a training run to a model file; returns its metadata."""
+    from clidim_jax.train import generator_variables, restore_run
+
+    if os.path.exists(out) and not overwrite:  # fail before the (slow) restore
+        raise DataError(f"{out}: already exists (pass --overwrite to replace it)")
+    config, nets, state, norm = restore_run(workdir)
+    variables = jax.device_get(generator_variables(state))
+    exported = export_generator(nets.generator, variables, platforms=platforms)
+    g = nets.generator
+    ev = config.eval
+    meta = {
+        "depth": int(g.depth),
+        "ngf": int(g.ngf),
+        "norm_layer": str(g.norm),
+        "tile": int(ev.get("tile", 512)),
+        "tile_overlap": int(ev.get("tile_overlap", 0)) or None,
+        "batch_size": int(ev.batch_size),
+        "run": {
+            "workdir": os.path.abspath(workdir),
+            "step": int(state.step),
+            "name": str(config.name),
+            "variant": str(config.variant),
+            "data_source": str(config.data.source),
+            "data_path": str(config.data.path),
+        },
+    }
+    save_model(out, exported, variables, norm, meta, overwrite=overwrite)
+    return meta
