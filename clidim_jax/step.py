@@ -173,13 +173,27 @@ def normalize_batch(
 
 
 def make_sampled_train_step(
-    config: ml_collections.ConfigDict, nets: Networks, steps_per_epoch: int, norm: Any
+    config: ml_collections.ConfigDict,
+    nets: Networks,
+    steps_per_epoch: int,
+    norm: Any,
+    mesh: Any = None,
 ) -> Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, Metrics]]:
     """The train step with on-device batch sampling in front: `(state, data, key)`, where `data`
-    holds the training images ("noisy", "clean", "clean_index") resident on the device."""
+    holds the training images ("noisy", "clean", "clean_index") resident on the device.
+
+    With a `mesh`, the sampled global batch is constrained to the `data` axis, so each device
+    draws and processes only its own part of it.
+    """
     from clidim_jax.data.sampling import sample_batch
 
     step_fn = make_train_step(config, nets, steps_per_epoch)
+    if mesh is not None:
+        from clidim_jax.sharding import shard_batch_fn
+
+        constrain = shard_batch_fn(mesh)
+    else:
+        constrain = lambda x: x
 
     def sampled_step(state, data, key):
         k_data, k_step = jax.random.split(key)
@@ -193,6 +207,7 @@ def make_sampled_train_step(
             patch_size=config.data.patch_size,
             augment=config.data.augment,
         )
+        noisy, clean = constrain(noisy), constrain(clean)
         batch = normalize_batch(noisy, clean, config.data.normalization, norm.low, norm.high)
         return step_fn(state, batch, k_step)
 

@@ -1,0 +1,128 @@
+"""Data parallelism for real: 1 vs 4 vs 8 CPU devices, two processes vs one, and bfloat16 compute.
+
+The multi-device runs happen in fresh processes (tests/multidevice_worker.py), since the number of
+CPU devices and the distributed runtime are fixed when JAX starts. Agreement is to float
+tolerance, not bits: a sharded batch changes the order of the reductions (BatchNorm statistics,
+loss means, gradient all-reduces), which moves float32 results by a few ulps per step.
+"""
+
+import functools
+import os
+import socket
+import subprocess
+import sys
+import types
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from clidim_jax.config_lib import ConfigError
+from clidim_jax.sharding import check_batch_divisible
+from clidim_jax.state import build_networks, init_state
+from clidim_jax.step import make_train_step
+
+WORKER = os.path.join(os.path.dirname(__file__), "multidevice_worker.py")
+# Losses are compared relative to their size (g_tv is ~1e2, probabilities ~0.5); parameters
+# (|p| <= ~1) absolutely. Measured differences are ~2e-7 relative and ~1e-6 absolute.
+LOSS_RTOL, PARAM_ATOL = 1e-5, 1e-5
+
+
+def _run(args, **popen):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    return subprocess.Popen([sys.executable, WORKER, *args], env=env, **popen)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("md") / "one.npz"
+    p = _run(["--devices", "8", "--mesh-sizes", "1,4,8", "--out", str(out)])
+    assert p.wait(timeout=600) == 0
+    return np.load(out)
+
+
+def _assert_close(a_losses, b_losses, a_params, b_params):
+    np.testing.assert_allclose(a_losses, b_losses, rtol=LOSS_RTOL, atol=1e-7)
+    assert np.abs(a_params - b_params).max() <= PARAM_ATOL
+
+
+@pytest.mark.parametrize("n", [4, 8])
+def test_same_function_on_1_4_8_devices(one_process, n):
+    r = one_process
+    assert r["losses_1"].shape == (3, len(r["names"]))
+    _assert_close(r[f"losses_{n}"], r["losses_1"], r[f"params_{n}"], r["params_1"])
+    # ...and the runs really trained (the comparison is not between untouched states).
+    assert not np.allclose(r["losses_1"][0], r["losses_1"][-1])
+
+
+def test_two_processes_match_one_process_of_four_devices(one_process, tmp_path):
+    out = tmp_path / "two.npz"
+    port = _free_port()
+    procs = [
+        _run(
+            [
+                "--devices",
+                "2",
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+                "--out",
+                str(out),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    two = np.load(out)
+    r = one_process
+    _assert_close(two["losses_4"], r["losses_4"], two["params_4"], r["params_4"])
+
+
+def test_batch_must_divide_by_devices():
+    mesh = types.SimpleNamespace(devices=np.empty(4))
+    check_batch_divisible(8, mesh)
+    with pytest.raises(ConfigError, match=r"batch_size=6 does not divide by the 4 devices"):
+        check_batch_divisible(6, mesh)
+
+
+def test_bfloat16_compute_is_finite_and_close_to_float32():
+    rng = np.random.default_rng(0)
+    clean = np.tanh(rng.standard_normal((4, 32, 32, 1)).cumsum(1) / 4).astype(np.float32)
+    batch = {
+        "noisy": np.clip(clean + 0.2 * rng.standard_normal(clean.shape), -1, 1).astype(np.float32),
+        "clean": clean,
+    }
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        c = tiny_config("cl_tv_ssim")
+        c.train.batch_size = 4
+        c.model.compute_dtype = dtype
+        nets = build_networks(c)
+        state = jax.jit(functools.partial(init_state, nets))(jax.random.key(0))
+        step = jax.jit(make_train_step(c, nets, 2))
+        for _ in range(2):
+            state, m = step(state, batch, jax.random.key(1))
+        out[dtype] = {k: float(v) for k, v in m.items()}
+        leaves = jax.tree.leaves(state.g_params)
+        assert all(x.dtype == np.float32 for x in leaves)  # parameters stay float32
+    for k, v in out["bfloat16"].items():
+        assert np.isfinite(v), k
+        assert abs(v - out["float32"][k]) <= 0.05 * abs(out["float32"][k]) + 1e-3, (
+            k,
+            v,
+            out["float32"][k],
+        )
