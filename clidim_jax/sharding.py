@@ -1,4 +1,4 @@
-"""Data parallelism over a `data` mesh axis, on one or many hosts (jax.distributed)."""
+"""Data parallelism over a `data` mesh axis, on one or many hosts (jax.distributed).
 
 The global batch is sharded `P('data')`, the train state and the (small, few-shot) training images
 are replicated `P()`, and the step runs under plain `jax.jit`. Because the crops are drawn inside
