@@ -176,9 +176,11 @@ class Checkpoints:
         self.workdir = os.path.abspath(workdir)
         self.directory = os.path.join(self.workdir, "checkpoints")
         preservation = policies.LatestN(n=keep)
+        best_fn = None
         if keep_best:
+            best_fn = lambda m: m[BEST_METRIC]
             best = policies.BestN(
-                get_metric_fn=lambda m: m[BEST_METRIC],
+                get_metric_fn=best_fn,
                 reverse=False,  # ascending: the last n (the highest PSNR) are kept
                 n=1,
                 keep_checkpoints_without_metrics=False,
@@ -188,6 +190,9 @@ class Checkpoints:
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 preservation_policy=preservation,
+                best_fn=best_fn,  # (Orbax stores a save's metrics only when this is set)
+                best_mode="max",
+                save_interval_steps=0 if read_only else 1,
                 enable_async_checkpointing=async_save,
                 create=not read_only,
                 read_only=read_only,
@@ -221,14 +226,8 @@ class Checkpoints:
         stored = self.manager.item_metadata(step)[item]
         if stored is None:
             raise CheckpointError(f"item {item!r} is missing")
-        want = {
-            jax.tree_util.keystr(p): (tuple(x.shape), np.dtype(x.dtype))
-            for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]
-        }
-        have = {
-            jax.tree_util.keystr(p): (tuple(x.shape), np.dtype(x.dtype))
-            for p, x in jax.tree_util.tree_flatten_with_path(stored)[0]
-        }
+        want = _shapes(abstract)
+        have = _shapes(stored)
         if want == have:
             return
         for path in sorted(set(want) | set(have)):
@@ -236,7 +235,7 @@ class Checkpoints:
                 mine = want.get(path, "absent")
                 theirs = have.get(path, "absent")
                 raise IncompatibleCheckpoint(
-                    f"{self.directory}/{step}: {item}{path} is {_fmt(theirs)} in the checkpoint "
+                    f"{self.directory}/{step}: {item}/{path} is {_fmt(theirs)} in the checkpoint "
                     f"but {_fmt(mine)} in this run's model"
                 )
 
@@ -358,15 +357,18 @@ class Checkpoints:
         self._pending = None
 
     def _save_error(self, step: int | None, e: BaseException) -> CheckpointError:
-        done = [s for s in self.all_steps() if s != step]
+        # The directory, not the manager's list: that already forgot the steps this save
+        # would have made obsolete, which stay on disk until it is committed.
+        on_disk = os.listdir(self.directory) if os.path.isdir(self.directory) else []
+        done = sorted(int(n) for n in on_disk if n.isdigit() and int(n) != step)
         kept = f"checkpoint {done[-1]} is intact" if done else "there is no earlier checkpoint"
         hint = ""
         if _is_disk_full(e):
             free = shutil.disk_usage(self.directory).free if os.path.isdir(self.directory) else 0
-            hint = f" The disk looks full ({free / 2**20:.0f} MiB free)."
+            hint = f" Out of disk space or over a file-size limit ({free / 2**20:.0f} MiB free)."
         return CheckpointError(
-            f"saving checkpoint {step} in {self.directory} failed: {_why(e)}.{hint} The {kept}; "
-            "free some space and run `train` again to resume from it."
+            f"saving checkpoint {step} in {self.directory} failed: {_why(e)}.{hint} Training "
+            f"stopped; {kept}: free some space and run `train` again to resume from it."
         )
 
     def close(self) -> None:
@@ -374,6 +376,22 @@ class Checkpoints:
             self.wait_until_finished()
         finally:
             self.manager.close()
+
+
+def _shapes(tree: Any) -> dict[str, tuple]:
+    """{path: (shape, dtype)}, with paths that do not depend on the container types (Orbax's
+    metadata has dicts where the state has dataclasses)."""
+
+    def name(k) -> str:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                return str(getattr(k, attr))
+        return str(k)
+
+    return {
+        "/".join(name(k) for k in path): (tuple(x.shape), np.dtype(x.dtype))
+        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
 
 
 def _fmt(x) -> str:

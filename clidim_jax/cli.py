@@ -176,6 +176,8 @@ def run_denoise(fv: flags.FlagValues, input_path: str, output_path: str) -> None
             f"{src.plane_shape[1]} {src.dtype} (axes {src.axes})",
             file=sys.stderr,
         )
+    from clidim_jax.inference import TilingError
+
     opts = dict(tile=fv.tile, overlap=fv.overlap, batch_size=fv.batch_size)
     try:
         if fv.model:
@@ -184,9 +186,7 @@ def run_denoise(fv: flags.FlagValues, input_path: str, output_path: str) -> None
             denoiser = denoiser_from_model(fv.model, **opts)
         else:
             denoiser = denoiser_from_run(fv.workdir, **opts)
-    except ValueError as e:  # tiling arguments the model cannot use
-        if type(e) is not ValueError:
-            raise
+    except TilingError as e:
         raise UsageError(str(e)) from None
     summary = denoise_tiff(
         input_path,
@@ -216,11 +216,13 @@ def main(argv: list[str] | None = None) -> int:
             train_and_evaluate(fv.config, fv.workdir)
         elif command == "evaluate":
             fv = parse_flags(command, rest)
+            from clidim_jax.inference import TilingError
             from clidim_jax.train import evaluate_workdir
 
-            if fv.tile is not None and fv.tile < 2:
-                raise UsageError(f"--tile={fv.tile} is too small")
-            evaluate_workdir(fv.workdir, split=fv.split, metrics_mode=fv.metrics, tile=fv.tile)
+            try:
+                evaluate_workdir(fv.workdir, split=fv.split, metrics_mode=fv.metrics, tile=fv.tile)
+            except TilingError as e:
+                raise UsageError(str(e)) from None
         elif command == "denoise":
             fv, (input_path, output_path) = parse_args(command, rest)
             run_denoise(fv, input_path, output_path)

@@ -80,7 +80,7 @@ def save_figure(
     fig, axes = plt.subplots(
         2,
         3,
-        figsize=(12, 4.2 * (h / w) + 4.6),
+        figsize=(12, 3.7 * (h / w) + 4.3),
         constrained_layout=True,
         gridspec_kw={"height_ratios": [h / w, 1.0]},
     )
@@ -143,11 +143,11 @@ def markdown_table(result: dict) -> str:
         "| " + " | ".join(sep) + " |",
     ]
 
-    def cells(m: dict) -> list[str]:
+    def cells(m: dict, d: int = 4) -> list[str]:
         return [
             f"{m['psnr']:.2f} ± {m['psnr_std']:.2f}",
-            f"{m['ssim']:.4f} ± {m['ssim_std']:.4f}",
-            f"{m['nrmse']:.4f} ± {m['nrmse_std']:.4f}",
+            f"{m['ssim']:.{d}f} ± {m['ssim_std']:.{d}f}",
+            f"{m['nrmse']:.{d}f} ± {m['nrmse_std']:.{d}f}",
         ]
 
     for label, key in _rows(result):
@@ -155,7 +155,7 @@ def markdown_table(result: dict) -> str:
         if std:
             row += cells(result[key])
         if both:
-            row += cells(result["reference"][key])
+            row += cells(result["reference"][key], 5)  # its SSIM sits near 1, NRMSE near 0
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     if std:
@@ -268,7 +268,7 @@ def format_result(r: dict) -> str:
             )
         if ref is not None:
             m = ref[key]
-            cells.append(f"{m['psnr']:7.2f}  {m['ssim']:.4f}  {m['nrmse']:.5f}")
+            cells.append(f"{m['psnr']:7.2f}  {m['ssim']:.5f}  {m['nrmse']:.5f}")
         lines.append(f"  {name:<28} " + "   |   ".join(cells))
     return "\n".join(lines)
 

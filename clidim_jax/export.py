@@ -3,10 +3,16 @@ weights, intensity normalisation and metadata, in one zip archive.
 
 Contents of the file (a plain zip, no pickles):
   clidim_model.json     format, normalisation, U-Net depth, tiling defaults, provenance
-  generator.jaxexport   `jax.export.Exported.serialize()` of G.apply(variables, x, train=False),
-                        eval mode, with symbolic input shape (b, 2**depth * h, 2**depth * w, 1)
+  generator_K.jaxexport `jax.export.Exported.serialize()` of G.apply(variables, x, train=False),
+                        eval mode, with symbolic input shape (b, 2**depth * h, 2**depth * w, 1),
+                        one per size class K (below)
   variables.npz         the generator's parameters and BatchNorm statistics, as the exported
                         function's flattened argument leaves
+
+Size classes: the U-Net's transposed convolutions choose between two exact formulations by their
+static input size (`models.layers`, method "auto"), so one symbolic-shape export cannot cover every
+size. The file holds one export per range of h * w within which every layer's choice is fixed
+(symbolic constraints tell jax.export the range): 5 or 6 small programs, no weights in them.
 
 The weights are an argument of the exported function, not constants folded into it, so the
 compiled program is the one `jax.jit` builds from the checkpoint and the outputs are bit-for-bit
@@ -34,40 +40,88 @@ from clidim_jax.inference import Denoiser
 
 FORMAT = "clidim-jax-model"
 FORMAT_VERSION = 1
-_META, _EXPORTED, _VARIABLES = "clidim_model.json", "generator.jaxexport", "variables.npz"
+_META, _VARIABLES = "clidim_model.json", "variables.npz"
+
+SizeClass = tuple[int, int | None]  # an inclusive range of h * w, in units of (2**depth)**2
+
+
+def _exported_name(k: int) -> str:
+    return f"generator_{k}.jaxexport"
+
+
+def size_classes(depth: int) -> list[SizeClass]:
+    """Ranges of h * w (image height and width in units of 2**depth) within which every
+    transposed convolution of the U-Net picks the same formulation. The one whose input is at
+    level j (1..depth) sees h * w * 4**(depth - j) pixels and uses "phases" up to
+    `_PHASES_MAX_PIXELS` of them."""
+    from clidim_jax.models.layers import _PHASES_MAX_PIXELS
+
+    cuts = sorted({_PHASES_MAX_PIXELS // 4 ** (depth - j) for j in range(1, depth + 1)} - {0})
+    out: list[SizeClass] = []
+    lo = 1
+    for c in cuts:
+        out.append((lo, c))
+        lo = c + 1
+    out.append((lo, None))
+    return out
+
+
+def _check_serialization() -> None:
+    try:
+        import flatbuffers  # noqa: F401  (jax.export serialization needs it)
+    except ImportError:
+        raise DataError(
+            "writing or reading model files needs the flatbuffers package (pip install flatbuffers)"
+        ) from None
 
 
 def export_generator(
     generator: Any, variables: Any, *, platforms: Sequence[str] | None = None
-) -> jax.export.Exported:
-    """Exports eval-mode G for any batch size and any image size divisible by 2**depth."""
+) -> list[tuple[SizeClass, jax.export.Exported]]:
+    """Exports eval-mode G for any batch size and any image size divisible by 2**depth: one
+    Exported per size class, each with symbolic shape (b, q*h, q*w, 1), q = 2**depth."""
     q = 2**generator.depth
 
     def predict(variables, x):
         return generator.apply(variables, x, train=False).astype(jnp.float32)
 
     var_specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), variables)
-    b, h, w = jax.export.symbolic_shape(f"b, {q}*h, {q}*w")
-    x_spec = jax.ShapeDtypeStruct((b, h, w, 1), jnp.float32)
-    return jax.export.export(jax.jit(predict), platforms=platforms)(var_specs, x_spec)
+    out = []
+    for lo, hi in size_classes(generator.depth):
+        constraints = [f"h*w >= {lo}"] if lo > 1 else []
+        constraints += [f"h*w <= {hi}"] if hi is not None else []
+        b, h, w = jax.export.symbolic_shape(f"b, {q}*h, {q}*w", constraints=constraints)
+        x_spec = jax.ShapeDtypeStruct((b, h, w, 1), jnp.float32)
+        exported = jax.export.export(jax.jit(predict), platforms=platforms)(var_specs, x_spec)
+        out.append(((lo, hi), exported))
+    return out
 
 
 class ExportedGenerator:
-    """The Flax-module interface `Denoiser` needs (`depth`, `apply`), backed by an Exported."""
+    """The Flax-module interface `Denoiser` needs (`depth`, `apply`), backed by the Exported of
+    each size class."""
 
-    def __init__(self, exported: jax.export.Exported, depth: int):
+    def __init__(self, exported: list[tuple[SizeClass, jax.export.Exported]], depth: int):
         self.exported = exported
         self.depth = int(depth)
+
+    def pick(self, shape: Sequence[int]) -> jax.export.Exported:
+        q = 2**self.depth
+        hw = (shape[1] // q) * (shape[2] // q)
+        for (lo, hi), exported in self.exported:
+            if lo <= hw and (hi is None or hw <= hi):
+                return exported
+        raise ValueError(f"no exported program for input shape {tuple(shape)}")
 
     def apply(self, variables: Any, x: jax.Array, *, train: bool = False) -> jax.Array:
         if train:
             raise ValueError("an exported generator runs in eval mode only")
-        return self.exported.call(variables, x)
+        return self.pick(x.shape).call(variables, x)
 
 
 def save_model(
     path: str,
-    exported: jax.export.Exported,
+    exported: list[tuple[SizeClass, jax.export.Exported]],
     variables: Any,
     norm: Normalization,
     meta: dict,
@@ -83,6 +137,7 @@ def save_model(
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise DataError(f"{path}: the folder {parent} does not exist")
+    _check_serialization()
     leaves = jax.tree.leaves(variables)
     buf = io.BytesIO()
     np.savez(buf, **{f"{i:06d}": np.asarray(v) for i, v in enumerate(leaves)})
@@ -90,7 +145,8 @@ def save_model(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "normalization": json.loads(norm.to_json()),
-        "platforms": list(exported.platforms),
+        "platforms": list(exported[0][1].platforms),
+        "size_classes": [[lo, hi] for (lo, hi), _ in exported],
         "jax_version": jax.__version__,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         **meta,
@@ -99,7 +155,8 @@ def save_model(
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
             z.writestr(_META, json.dumps(header, indent=2))
-            z.writestr(_EXPORTED, bytes(exported.serialize()))
+            for k, (_, e) in enumerate(exported):
+                z.writestr(_exported_name(k), bytes(e.serialize()))
             z.writestr(_VARIABLES, buf.getvalue())
         os.replace(tmp, path)
     finally:
@@ -115,10 +172,13 @@ def load_model(path: str) -> tuple[ExportedGenerator, Any, Normalization, dict]:
     try:
         with zipfile.ZipFile(path) as z:
             meta = json.loads(z.read(_META))
-            blob = z.read(_EXPORTED)
+            classes = [
+                (int(lo), None if hi is None else int(hi)) for lo, hi in meta["size_classes"]
+            ]
+            blobs = [z.read(_exported_name(k)) for k in range(len(classes))]
             with np.load(io.BytesIO(z.read(_VARIABLES))) as npz:
                 leaves = [npz[k] for k in sorted(npz.files)]
-    except (zipfile.BadZipFile, KeyError, ValueError, OSError) as e:
+    except (zipfile.BadZipFile, KeyError, ValueError, TypeError, OSError) as e:
         raise DataError(f"{path}: not a clidim-jax model file ({type(e).__name__}: {e})") from None
     if meta.get("format") != FORMAT:
         raise DataError(f"{path}: not a clidim-jax model file (format {meta.get('format')!r})")
@@ -127,10 +187,12 @@ def load_model(path: str) -> tuple[ExportedGenerator, Any, Normalization, dict]:
             f"{path}: model format version {meta['format_version']} is newer than this "
             f"clidim-jax understands ({FORMAT_VERSION}); upgrade clidim-jax"
         )
+    _check_serialization()
     try:
-        exported = jax.export.deserialize(bytearray(blob))
+        programs = [(c, jax.export.deserialize(bytearray(b))) for c, b in zip(classes, blobs)]
     except Exception as e:
         raise DataError(f"{path}: cannot load the exported generator ({e})") from None
+    exported = programs[0][1]
     backend = jax.default_backend()
     if backend not in exported.platforms:
         raise DataError(
@@ -144,7 +206,7 @@ def load_model(path: str) -> tuple[ExportedGenerator, Any, Normalization, dict]:
     for leaf, aval in zip(leaves, exported.in_avals):
         if tuple(leaf.shape) != tuple(aval.shape) or leaf.dtype != aval.dtype:
             raise DataError(f"{path}: weights do not match the exported generator")
-    generator = ExportedGenerator(exported, meta["depth"])
+    generator = ExportedGenerator(programs, meta["depth"])
     return generator, variables, Normalization.from_dict(meta["normalization"]), meta
 
 
@@ -175,10 +237,10 @@ def export_run(
     platforms: Sequence[str] | None = None,
 ) -> dict:
     """Exports the latest checkpoint of a training run to a model file; returns its metadata."""
+    from clidim_jax.denoise import check_output
     from clidim_jax.train import generator_variables, restore_run
 
-    if os.path.exists(out) and not overwrite:  # fail before the (slow) restore
-        raise DataError(f"{out}: already exists (pass --overwrite to replace it)")
+    check_output(out, overwrite)  # fail before the (slow) restore and export
     config, nets, state, norm = restore_run(workdir)
     variables = jax.device_get(generator_variables(state))
     exported = export_generator(nets.generator, variables, platforms=platforms)

@@ -70,6 +70,10 @@ def receptive_field_margin(depth: int) -> int:
     return max(receptive_field(depth))
 
 
+class TilingError(ValueError):
+    """Tiling arguments the model cannot use (reported to the user as one line)."""
+
+
 def _round_up(x: int, q: int) -> int:
     return -(-x // q) * q
 
@@ -93,15 +97,15 @@ class Tiling:
         cls, multiple: int, tile: int, overlap: int | None = None, margin: int | None = None
     ) -> Tiling:
         if tile < multiple:
-            raise ValueError(f"tile size {tile} is smaller than the U-Net's size unit {multiple}")
+            raise TilingError(f"tile size {tile} is smaller than the U-Net's size unit {multiple}")
         tile = tile // multiple * multiple
         overlap = tile // 4 if overlap is None or overlap <= 0 else overlap
         overlap = max(multiple, _round_up(overlap, multiple))
         if overlap >= tile:
-            raise ValueError(f"tile overlap {overlap} must be smaller than the tile ({tile})")
+            raise TilingError(f"tile overlap {overlap} must be smaller than the tile ({tile})")
         margin = overlap // 4 if margin is None or margin < 0 else margin
         if 2 * margin >= overlap:
-            raise ValueError(f"tile margin {margin} must be less than half the overlap {overlap}")
+            raise TilingError(f"tile margin {margin} must be less than half the overlap {overlap}")
         return cls(tile, overlap, margin)
 
     def positions(self, length: int) -> list[int]:

@@ -69,7 +69,14 @@ def compute_normalization(config: ml_collections.ConfigDict, train: PairedImages
 
 
 def make_metrics_collection(names: list[str]) -> type[clu_metrics.Collection]:
-    """A clu Collection averaging every scalar the step reports over a logging interval."""
+    """A clu Collection averaging every scalar the step reports over a logging interval (one
+    class per set of names: the class is part of the carry's pytree structure, and a new one
+    would make the jitted loop step compile again)."""
+    return _metrics_collection(tuple(names))
+
+
+@functools.cache
+def _metrics_collection(names: tuple[str, ...]) -> type[clu_metrics.Collection]:
     return clu_metrics.Collection.create(**{n: clu_metrics.Average.from_output(n) for n in names})
 
 
@@ -155,10 +162,12 @@ def _check_resumable(config: ml_collections.ConfigDict, workdir: str, meta: dict
         )
 
 
-def _keep_metric_lines(workdir: str, last_step: int) -> int:
-    """Drops the metrics.jsonl lines of steps after `last_step` (written by a run after its
-    last checkpoint, so the resumed run writes them again) and the `eval/` lines of a previous
-    final evaluation (stale once training goes on). Returns how many were dropped."""
+def _keep_metric_lines(workdir: str, train_until: int, saved_until: int) -> int:
+    """Drops from metrics.jsonl what a run wrote after its last checkpoint, which the resumed run
+    writes again: training lines after `train_until` (the last logging step the checkpoint's
+    interval sums start from), validation lines after `saved_until` (the checkpoint's step),
+    and the `eval/` lines of a final evaluation (stale once training goes on). Returns how many
+    lines were dropped."""
     path = os.path.join(workdir, "metrics.jsonl")
     if jax.process_index() != 0 or not os.path.exists(path):
         return 0
@@ -168,7 +177,8 @@ def _keep_metric_lines(workdir: str, last_step: int) -> int:
     for line in lines:
         try:
             row = json.loads(line)
-            if row["step"] <= last_step and not any(k.startswith("eval/") for k in row):
+            until = saved_until if "val/psnr" in row else train_until
+            if row["step"] <= until and not any(k.startswith("eval/") for k in row):
                 keep.append(line)
         except (ValueError, KeyError, TypeError):
             pass  # a line cut short by a kill
@@ -216,6 +226,38 @@ def make_loop_step(step_fn: Callable, names: list[str]) -> Callable:
         return carry, bad_step + 0
 
     return loop_step
+
+
+# Config fields the compiled loop step does not depend on.
+_NOT_IN_STEP = ("name", "seed", "checkpoint", "eval", "train.log_every")
+_compiled_steps: collections.OrderedDict = collections.OrderedDict()
+
+
+def compiled_loop_step(
+    config: ml_collections.ConfigDict, nets: Networks, spe: int, norm: Normalization, names
+) -> Callable:
+    """The jitted loop step, shared by runs of one process whose step program is the same (the
+    same model, data, losses and schedule), so that e.g. a resumed or repeated run in a notebook
+    does not compile again. Keyed on everything the step closes over."""
+    fields = {
+        k: v
+        for k, v in _flatten(json.loads(config.to_json_best_effort())).items()
+        if not any(k == f or k.startswith(f + ".") for f in _NOT_IN_STEP)
+    }
+    key = (
+        json.dumps(fields, sort_keys=True),
+        spe,
+        norm.to_json(),
+        tuple(names),
+        make_sampled_train_step,  # (tests replace it to inject faults)
+    )
+    if key not in _compiled_steps:
+        step = make_loop_step(make_sampled_train_step(config, nets, spe, norm), names)
+        _compiled_steps[key] = jax.jit(step, donate_argnums=(0,))
+        while len(_compiled_steps) > 4:
+            _compiled_steps.popitem(last=False)
+    _compiled_steps.move_to_end(key)
+    return _compiled_steps[key]
 
 
 def _loop_item(carry: LoopCarry, key: jax.Array, names: list[str]) -> dict:
@@ -342,14 +384,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
         if restored.meta["metric_names"] != names:
             _say("the logged metrics changed: the logging interval in progress starts afresh")
         kept_until = restored.step - in_interval
-        dropped = _keep_metric_lines(workdir, kept_until)
+        dropped = _keep_metric_lines(workdir, kept_until, restored.step)
         _say(
             f"resumed from checkpoint {restored.step}"
             + (f" (dropped {dropped} metrics.jsonl lines written after it)" if dropped else "")
         )
     else:
         kept_until = None
-        _keep_metric_lines(workdir, 0)  # lines of a run that never saved a checkpoint
+        _keep_metric_lines(workdir, 0, 0)  # lines of a run that never saved a checkpoint
         state = jax.jit(functools.partial(init_state, nets))(init_key)
         key, acc = train_key, make_metrics_collection(names).empty()
     start = int(restored.step) if restored is not None else 0
@@ -376,10 +418,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
         _say(f"{name}: {n:,} parameters\n{overview}")
         writer.write_texts(start, {f"parameters/{name}": f"```\n{overview}\n```"})
 
-    loop_step = jax.jit(
-        make_loop_step(make_sampled_train_step(config, nets, spe, norm), names),
-        donate_argnums=(0,),
-    )
+    loop_step = compiled_loop_step(config, nets, spe, norm, names)
     denoiser = (
         Denoiser(nets.generator, None, norm, config.eval.batch_size) if val_ds is not None else None
     )
