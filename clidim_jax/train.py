@@ -260,6 +260,34 @@ def compiled_loop_step(
     return _compiled_steps[key]
 
 
+_compiled_inits: dict = {}
+
+
+def compiled_init(config: ml_collections.ConfigDict, nets: Networks) -> Callable:
+    """`init_state` jitted once per model in a process (keyed on what shapes the networks)."""
+    fields = _flatten(json.loads(config.to_json_best_effort()))
+    key = json.dumps(
+        {
+            k: v
+            for k, v in fields.items()
+            if k.startswith("model.")
+            or k in ("data.patch_size", "loss.head_features", "train.b1", "train.b2")
+        },
+        sort_keys=True,
+    )
+    if key not in _compiled_inits:
+        _compiled_inits.clear()
+        _compiled_inits[key] = jax.jit(functools.partial(init_state, nets))
+    return _compiled_inits[key]
+
+
+def _placed(carry: LoopCarry) -> LoopCarry:
+    """Every array of the carry where the state lives: a carry assembled on the host (fresh
+    metric sums, a restored checkpoint) then has the placement of the step's own outputs, and
+    the loop step compiles once rather than again for each placement."""
+    return jax.device_put(carry, jax.tree.leaves(carry.state)[0].sharding)
+
+
 def _loop_item(carry: LoopCarry, key: jax.Array, names: list[str]) -> dict:
     """The checkpoint's `loop` item: the PRNG key and the interval's metric sums."""
     sums = {
@@ -283,9 +311,11 @@ def _accumulator(names: list[str], sums: dict | None) -> Any:
     empty = collection.empty()
     if not sums or sorted(sums) != names:
         return empty
+    # Each field's own class (clu's `from_output` subclass of Average): the carry's pytree
+    # structure must be the one the loop step produces.
     return empty.replace(
         **{
-            n: clu_metrics.Average(total=jnp.asarray(s["total"]), count=jnp.asarray(s["count"]))
+            n: type(getattr(empty, n))(total=jnp.asarray(s["total"]), count=jnp.asarray(s["count"]))
             for n, s in sums.items()
         }
     )
@@ -392,7 +422,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
     else:
         kept_until = None
         _keep_metric_lines(workdir, 0, 0)  # lines of a run that never saved a checkpoint
-        state = jax.jit(functools.partial(init_state, nets))(init_key)
+        state = compiled_init(config, nets)(init_key)
         key, acc = train_key, make_metrics_collection(names).empty()
     start = int(restored.step) if restored is not None else 0
     last_saved = start if restored is not None else None
@@ -422,7 +452,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
     denoiser = (
         Denoiser(nets.generator, None, norm, config.eval.batch_size) if val_ds is not None else None
     )
-    carry = LoopCarry(state, acc, jnp.int32(-1), jnp.int32(0))
+    carry = _placed(LoopCarry(state, acc, jnp.int32(-1), jnp.int32(0)))
+    key = jax.device_put(key, jax.tree.leaves(carry.state)[0].sharding)  # (restored: committed)
     del state, acc
     log_every, every = config.train.log_every, cc.every_steps
 
@@ -433,7 +464,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
             raise FloatingPointError(error)
         values = {k: float(v) for k, v in jax.device_get(carry.metrics.compute()).items()}
         if reset:  # a full interval; a partial one (end, stop) stays open in the checkpoint
-            carry = carry.replace(metrics=make_metrics_collection(names).empty())
+            carry = _placed(carry.replace(metrics=make_metrics_collection(names).empty()))
         writer.write_scalars(step, values)
         writer.flush()
         rate = float("nan")
@@ -494,8 +525,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
                 if boundary or stopping or step == num_steps:
                     pending.clear()
                     log(step, rate_from, reset=boundary)
-                if stopping or step == num_steps or (every > 0 and step % every == 0):
-                    save(step, validate=not stopping)
+                periodic = every > 0 and step % every == 0
+                if stopping or step == num_steps or periodic:
+                    # (no validation for a stop between periodic saves: leave quickly)
+                    save(step, validate=periodic or step == num_steps)
                 if stopping:
                     stopped_by = stop.signal_name
                     break
@@ -508,6 +541,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
         else:  # an error is on its way out; still let an in-flight (good) save complete
             with contextlib.suppress(Exception):
                 ckpts.close()
+            writer.close()
     if stopped_by:
         _say(
             f"stopped by {stopped_by} at step {step}/{num_steps}: checkpoint {step} saved in "
