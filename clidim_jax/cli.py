@@ -86,11 +86,38 @@ def _unknown_override(argv: list[str], message: str) -> str:
     return f"unknown config field: {message}"
 
 
+def start_runtime(fv: flags.FlagValues) -> None:
+    """Device count and distributed runtime: must happen before JAX touches a backend."""
+    import jax
+
+    if fv.local_cpu_devices:
+        jax.config.update("jax_num_cpu_devices", fv.local_cpu_devices)
+    from clidim_jax.sharding import initialize_distributed
+
+    initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id)
+
+
 # Positional arguments of each command.
 POSITIONAL = {"denoise": ("INPUT", "OUTPUT"), "export": ("OUT",)}
 
 
 def _define_command_flags(command: str, fv: flags.FlagValues) -> None:
+    if command in ("train", "benchmark"):
+        flags.DEFINE_string(
+            "coordinator_address",
+            None,
+            "host:port of process 0 (multi-process runs).",
+            flag_values=fv,
+        )
+        flags.DEFINE_integer("num_processes", None, "Number of processes.", 1, flag_values=fv)
+        flags.DEFINE_integer("process_id", None, "This process's index.", 0, flag_values=fv)
+        flags.DEFINE_integer(
+            "local_cpu_devices",
+            None,
+            "Split the CPU into this many JAX devices.",
+            1,
+            flag_values=fv,
+        )
     if command == "evaluate":
         flags.DEFINE_enum("split", "test", ["test", "train"], "Split to evaluate.", flag_values=fv)
         flags.DEFINE_enum(
@@ -211,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command == "train":
             fv = parse_flags(command, rest)
+            start_runtime(fv)
             from clidim_jax.train import train_and_evaluate
 
             train_and_evaluate(fv.config, fv.workdir)

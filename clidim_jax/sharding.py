@@ -102,3 +102,24 @@ def shard_batch_fn(mesh: Mesh):
     """A constraint that puts a (B, ...) array on the `data` axis inside jit."""
     sharding = batch_sharding(mesh)
     return functools.partial(jax.lax.with_sharding_constraint, shardings=sharding)
+
+
+def place(tree: Any, sharding: NamedSharding) -> Any:
+    """Puts every leaf on `sharding` (replicated), from host or device values, on one or many
+    processes: `jax.device_put` cannot target devices of other processes, so values not already
+    placed there are lifted with `make_array_from_process_local_data` (each process holds the
+    same full value)."""
+
+    def one(x):
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(
+                one(jax.random.key_data(x)), impl=jax.random.key_impl(x)
+            )
+        if jax.process_count() == 1:
+            return jax.device_put(x, sharding)
+        value = np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+        return jax.make_array_from_process_local_data(sharding, value)
+
+    return jax.tree.map(one, tree)

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 from clu import metrics as clu_metrics
 from clu import parameter_overview
+from jax.sharding import Mesh
 
 from clidim_jax import config_lib
 from clidim_jax import metrics as metrics_lib
@@ -34,6 +35,13 @@ from clidim_jax.data import Normalization, PairedImages
 from clidim_jax.data.datasets import load_splits
 from clidim_jax.evaluate import evaluate, format_result
 from clidim_jax.inference import Denoiser
+from clidim_jax.sharding import (
+    check_batch_divisible,
+    make_mesh,
+    place,
+    put_replicated,
+    replicated,
+)
 from clidim_jax.state import (
     Networks,
     TrainState,
@@ -111,6 +119,12 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[prefix + k] = v
     return out
+
+
+def local_generator_variables(state: TrainState) -> dict:
+    """G's variables as host arrays: the local copy of the replicated state, so that inference
+    runs on each process's own device whatever the mesh (and reads no donated buffer later)."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), generator_variables(state))
 
 
 def generator_variables(state: TrainState) -> dict:
@@ -234,7 +248,12 @@ _compiled_steps: collections.OrderedDict = collections.OrderedDict()
 
 
 def compiled_loop_step(
-    config: ml_collections.ConfigDict, nets: Networks, spe: int, norm: Normalization, names
+    config: ml_collections.ConfigDict,
+    nets: Networks,
+    spe: int,
+    norm: Normalization,
+    names,
+    mesh: Mesh,
 ) -> Callable:
     """The jitted loop step, shared by runs of one process whose step program is the same (the
     same model, data, losses and schedule), so that e.g. a resumed or repeated run in a notebook
@@ -249,10 +268,11 @@ def compiled_loop_step(
         spe,
         norm.to_json(),
         tuple(names),
+        _mesh_key(mesh),
         make_sampled_train_step,  # (tests replace it to inject faults)
     )
     if key not in _compiled_steps:
-        step = make_loop_step(make_sampled_train_step(config, nets, spe, norm), names)
+        step = make_loop_step(make_sampled_train_step(config, nets, spe, norm, mesh=mesh), names)
         _compiled_steps[key] = jax.jit(step, donate_argnums=(0,))
         while len(_compiled_steps) > 4:
             _compiled_steps.popitem(last=False)
@@ -263,8 +283,13 @@ def compiled_loop_step(
 _compiled_inits: dict = {}
 
 
-def compiled_init(config: ml_collections.ConfigDict, nets: Networks) -> Callable:
-    """`init_state` jitted once per model in a process (keyed on what shapes the networks)."""
+def _mesh_key(mesh: Mesh) -> tuple:
+    return (tuple(d.id for d in mesh.devices.flat), mesh.axis_names)
+
+
+def compiled_init(config: ml_collections.ConfigDict, nets: Networks, mesh: Mesh) -> Callable:
+    """`init_state` jitted once per model in a process (keyed on what shapes the networks),
+    writing its outputs straight into the replicated sharding of the mesh."""
     fields = _flatten(json.loads(config.to_json_best_effort()))
     key = json.dumps(
         {
@@ -275,9 +300,12 @@ def compiled_init(config: ml_collections.ConfigDict, nets: Networks) -> Callable
         },
         sort_keys=True,
     )
+    key = (key, _mesh_key(mesh))
     if key not in _compiled_inits:
         _compiled_inits.clear()
-        _compiled_inits[key] = jax.jit(functools.partial(init_state, nets))
+        _compiled_inits[key] = jax.jit(
+            functools.partial(init_state, nets), out_shardings=replicated(mesh)
+        )
     return _compiled_inits[key]
 
 
@@ -285,7 +313,7 @@ def _placed(carry: LoopCarry) -> LoopCarry:
     """Every array of the carry where the state lives: a carry assembled on the host (fresh
     metric sums, a restored checkpoint) then has the placement of the step's own outputs, and
     the loop step compiles once rather than again for each placement."""
-    return jax.device_put(carry, jax.tree.leaves(carry.state)[0].sharding)
+    return place(carry, jax.tree.leaves(carry.state)[0].sharding)
 
 
 def _loop_item(carry: LoopCarry, key: jax.Array, names: list[str]) -> dict:
@@ -340,7 +368,7 @@ def _nonfinite_error(carry: LoopCarry, names: list[str], last_saved: int | None)
 
 def validation_psnr(denoiser: Denoiser, val: PairedImages, state: TrainState) -> float:
     """Mean PSNR (comparable convention, METHOD.md section 7) of G on the validation region."""
-    denoiser.variables = generator_variables(state)
+    denoiser.variables = local_generator_variables(state)
     try:
         preds = denoiser(val.noisy)
     finally:
@@ -376,14 +404,25 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
     norm = compute_normalization(config, train_ds)
     cc = config.checkpoint
 
+    mesh = make_mesh()  # every device of every process, one `data` axis
+    check_batch_divisible(config.train.batch_size, mesh)
+
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
-    abstract_state = jax.eval_shape(functools.partial(init_state, nets), init_key)
-    data = jax.device_put(
-        {"noisy": train_ds.noisy, "clean": train_ds.clean, "clean_index": train_ds.clean_index}
+    abstract_state = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated(mesh)),
+        jax.eval_shape(functools.partial(init_state, nets), init_key),
+    )
+    # Every process holds the (few-shot, small) training images and lifts them, replicated.
+    data = put_replicated(
+        {"noisy": train_ds.noisy, "clean": train_ds.clean, "clean_index": train_ds.clean_index},
+        mesh,
     )
     names = sorted(
         jax.eval_shape(
-            make_sampled_train_step(config, nets, spe, norm), abstract_state, data, train_key
+            make_sampled_train_step(config, nets, spe, norm, mesh=mesh),
+            abstract_state,
+            data,
+            train_key,
         )[1]
     )
 
@@ -422,7 +461,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
     else:
         kept_until = None
         _keep_metric_lines(workdir, 0, 0)  # lines of a run that never saved a checkpoint
-        state = compiled_init(config, nets)(init_key)
+        state = compiled_init(config, nets, mesh)(init_key)
         key, acc = train_key, make_metrics_collection(names).empty()
     start = int(restored.step) if restored is not None else 0
     last_saved = start if restored is not None else None
@@ -448,12 +487,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
         _say(f"{name}: {n:,} parameters\n{overview}")
         writer.write_texts(start, {f"parameters/{name}": f"```\n{overview}\n```"})
 
-    loop_step = compiled_loop_step(config, nets, spe, norm, names)
+    loop_step = compiled_loop_step(config, nets, spe, norm, names, mesh)
     denoiser = (
         Denoiser(nets.generator, None, norm, config.eval.batch_size) if val_ds is not None else None
     )
     carry = _placed(LoopCarry(state, acc, jnp.int32(-1), jnp.int32(0)))
-    key = jax.device_put(key, jax.tree.leaves(carry.state)[0].sharding)  # (restored: committed)
+    key = place(key, jax.tree.leaves(carry.state)[0].sharding)  # (restored: committed)
     del state, acc
     log_every, every = config.train.log_every, cc.every_steps
 
@@ -561,7 +600,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if run.stopped_by:
         return {"stopped_by": run.stopped_by, "step": run.step}
     denoiser = Denoiser(
-        run.nets.generator, generator_variables(run.state), run.norm, config.eval.batch_size
+        run.nets.generator,
+        local_generator_variables(run.state),
+        run.norm,
+        config.eval.batch_size,
+        tile=config.eval.tile,
+        overlap=config.eval.tile_overlap,
     )
     result = evaluate(
         denoiser,
