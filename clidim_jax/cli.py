@@ -23,6 +23,11 @@ commands:
   export    --workdir DIR OUT [--platforms cpu,cuda] [--overwrite]
             write the trained generator as a portable model file (jax.export), for
             `denoise --model OUT` without the config or checkpoint
+  benchmark --config PATH[:ARGS] [--config.KEY=VALUE ...] --steps N [--json OUT]
+            [--mode train|denoise]
+            compile the train step (or whole-image inference) ahead of time and report compile
+            time, step time, images/s, XLA FLOPs, achieved FLOP/s vs a measured matmul peak,
+            memory and parameters
 
 examples:
   clidim-jax train --workdir runs/demo
@@ -118,6 +123,10 @@ def _define_command_flags(command: str, fv: flags.FlagValues) -> None:
             1,
             flag_values=fv,
         )
+    if command == "benchmark":
+        flags.DEFINE_integer("steps", 5, "Timed steps after warm-up.", 1, flag_values=fv)
+        flags.DEFINE_string("json", None, "Write the figures to this JSON file.", flag_values=fv)
+        flags.DEFINE_enum("mode", "train", ["train", "denoise"], "What to time.", flag_values=fv)
     if command == "evaluate":
         flags.DEFINE_enum("split", "test", ["test", "train"], "Split to evaluate.", flag_values=fv)
         flags.DEFINE_enum(
@@ -161,7 +170,7 @@ def parse_args(command: str, argv: list[str]) -> tuple[flags.FlagValues, list[st
     fv = flags.FlagValues()
     try:
         flags.DEFINE_string("workdir", None, "Run directory.", flag_values=fv)
-        if command == "train":
+        if command in ("train", "benchmark"):
             config_flags.DEFINE_config_file(
                 "config",
                 default=packaged_config("demo.py"),
@@ -187,7 +196,7 @@ def parse_args(command: str, argv: list[str]) -> tuple[flags.FlagValues, list[st
     if command == "denoise":
         if bool(fv.workdir) == bool(fv.model):
             raise UsageError("give the model as exactly one of --workdir DIR or --model FILE")
-    elif not fv.workdir:
+    elif command != "benchmark" and not fv.workdir:
         raise UsageError("--workdir is required")
     return fv, rest[1:]
 
@@ -242,6 +251,13 @@ def main(argv: list[str] | None = None) -> int:
             from clidim_jax.train import train_and_evaluate
 
             train_and_evaluate(fv.config, fv.workdir)
+        elif command == "benchmark":
+            fv = parse_flags(command, rest)
+            start_runtime(fv)
+            from clidim_jax.benchmark import format_benchmark, run_benchmark
+
+            result = run_benchmark(fv.config, steps=fv.steps, mode=fv.mode, json_path=fv.json)
+            print(format_benchmark(result))
         elif command == "evaluate":
             fv = parse_flags(command, rest)
             from clidim_jax.inference import TilingError
