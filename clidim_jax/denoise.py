@@ -153,6 +153,22 @@ class ProgressLine:
         self.stream.flush()
 
 
+def _warn_out_of_range(path: str, plane: np.ndarray, denoiser: Denoiser) -> None:
+    """G ends in tanh: intensities far outside the training data's range saturate. Say so."""
+    norm = getattr(denoiser, "norm", None)
+    if norm is None:
+        return
+    lo, hi = norm.low, norm.high
+    outside = float(np.mean((plane < lo - 0.5 * (hi - lo)) | (plane > hi + 0.5 * (hi - lo))))
+    if outside > 0.05:
+        print(
+            f"warning: {100 * outside:.0f}% of the pixels of {path} (plane 1) lie far outside the "
+            f"intensity range the model was trained on ({lo:g} to {hi:g}); the output saturates "
+            "there. Use a model trained on data like this one.",
+            file=sys.stderr,
+        )
+
+
 def denoise_tiff(
     input_path: str,
     output_path: str,
@@ -169,6 +185,7 @@ def denoise_tiff(
     check_output(output_path, overwrite)
     with TiffPlanes(input_path) as src:
         out_dtype = src.dtype if dtype == "input" else np.dtype(np.float32)
+        _warn_out_of_range(input_path, src.plane(0), denoiser)
         bar = ProgressLine(os.path.basename(input_path), src.n_planes) if progress else None
 
         def planes() -> Iterator[np.ndarray]:

@@ -123,3 +123,17 @@ def test_bad_float_planes_are_reported(tmp_path, denoiser):
     with pytest.raises(DataError, match=r"nan\.tif: plane 1 contains NaN"):
         denoise_tiff(str(src), str(tmp_path / "o.tif"), denoiser, progress=False)
     assert sorted(os.listdir(tmp_path)) == ["nan.tif"]
+
+
+def test_warns_when_the_input_is_far_outside_the_models_intensity_range(capsys):
+    import types
+
+    from clidim_jax.data.normalization import Normalization
+    from clidim_jax.denoise import _warn_out_of_range
+
+    model = types.SimpleNamespace(norm=Normalization(100.0, 200.0))
+    _warn_out_of_range("in.tif", np.full((8, 8), 150.0), model)
+    assert capsys.readouterr().err == ""
+    _warn_out_of_range("in.tif", np.full((8, 8), 5000.0), model)
+    err = capsys.readouterr().err
+    assert "100% of the pixels of in.tif" in err and "100 to 200" in err
