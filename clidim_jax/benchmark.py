@@ -38,24 +38,24 @@ def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
-def _timed(fn, *args, steps: int, warmup: int) -> list[float]:
-    out = None
+def _timed(fn, carry: Any = None, *, steps: int, warmup: int) -> tuple[list[float], Any]:
+    """Wall times of `carry = fn(carry)` after warm-up (the carry threads donated buffers)."""
     for _ in range(warmup):
-        out = fn(*args)
-    jax.block_until_ready(out)
+        carry = fn(carry)
+    jax.block_until_ready(carry)
     times = []
     for _ in range(steps):
         t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        carry = jax.block_until_ready(fn(carry))
         times.append(time.perf_counter() - t)
-    return times
+    return times, carry
 
 
 def matmul_peak_flops(n: int = 2048, steps: int = 5) -> float:
     """Best float32 matmul FLOP/s of the first device (the machine's practical peak)."""
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
     mm = jax.jit(lambda a, b: a @ b)
-    times = _timed(mm, a, a, steps=steps, warmup=2)
+    times, _ = _timed(lambda _: mm(a, a), steps=steps, warmup=2)
     return 2.0 * n**3 / min(times)
 
 
@@ -116,19 +116,8 @@ def benchmark_train(
     compile_s = time.perf_counter() - t
     flops = _cost_flops(compiled)
 
-    def run(state):
-        return compiled(state, data, key)[0]
-
     # The state is donated: thread it through the timed calls.
-    for _ in range(warmup):
-        state = run(state)
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        state = run(state)
-        jax.block_until_ready(state)
-        times.append(time.perf_counter() - t)
+    times, state = _timed(lambda st: compiled(st, data, key)[0], state, steps=steps, warmup=warmup)
     s = _summary(times)
     return {
         "mode": "train",
@@ -159,7 +148,7 @@ def benchmark_denoise(
     t = time.perf_counter()
     compiled = fn.lower(variables, x).compile()
     compile_s = time.perf_counter() - t
-    times = _timed(compiled, variables, x, steps=steps, warmup=warmup)
+    times, _ = _timed(lambda _: compiled(variables, x), steps=steps, warmup=warmup)
     s = _summary(times)
     flops = _cost_flops(compiled)
     return {
