@@ -103,7 +103,7 @@ def benchmark_train(
     host = {
         "noisy": rng.integers(0, 4096, (8, p, p), dtype=np.uint16),
         "clean": rng.uniform(0, 4096, (8, p, p)).astype(np.float32),
-        "clean_index": np.arange(8, dtype=np.int32),
+        "views": np.array([(i, i, 0, 0, p, p) for i in range(8)], np.int32),
     }
     norm = Normalization(0.0, 4096.0)
     state = init_replicated(functools.partial(init_state, nets), mesh, jax.random.key(0))

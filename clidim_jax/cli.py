@@ -1,4 +1,4 @@
-"""The `clidim-jax` command line: train, evaluate (more subcommands grow here)."""
+"""The `clidim-jax` command line: train, evaluate, denoise, export, download, benchmark."""
 
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ commands:
   export    --workdir DIR OUT [--platforms cpu,cuda] [--overwrite]
             write the trained generator as a portable model file (jax.export), for
             `denoise --model OUT` without the config or checkpoint
+  download  NAME [--root DIR] [--base_url URL]
+            fetch a benchmark dataset of the paper (convallaria, actin, skull) from Zenodo:
+            progress, resume, sha256 check, extraction; prints the stack's path
   benchmark --config PATH[:ARGS] [--config.KEY=VALUE ...] --steps N [--json OUT]
             [--mode train|denoise]
             compile the train step (or whole-image inference) ahead of time and report compile
@@ -33,6 +36,9 @@ examples:
   clidim-jax train --workdir runs/demo
   clidim-jax train --config reference:variant=cl --config.train.batch_size=8 --workdir runs/x
   clidim-jax denoise cells.tif cells_denoised.tif --workdir runs/demo
+  clidim-jax download convallaria --root data
+  clidim-jax train --config reference:dataset=convallaria,n_samples=16 --config.data.root=data \
+      --workdir runs/conv16
 """
 
 
@@ -103,7 +109,7 @@ def start_runtime(fv: flags.FlagValues) -> None:
 
 
 # Positional arguments of each command.
-POSITIONAL = {"denoise": ("INPUT", "OUTPUT"), "export": ("OUT",)}
+POSITIONAL = {"denoise": ("INPUT", "OUTPUT"), "export": ("OUT",), "download": ("NAME",)}
 
 
 def _define_command_flags(command: str, fv: flags.FlagValues) -> None:
@@ -154,6 +160,20 @@ def _define_command_flags(command: str, fv: flags.FlagValues) -> None:
         flags.DEFINE_boolean("progress", True, "Report progress on stderr.", flag_values=fv)
     if command in ("denoise", "export"):
         flags.DEFINE_boolean("overwrite", False, "Replace an existing output.", flag_values=fv)
+    if command == "download":
+        flags.DEFINE_string(
+            "root",
+            None,
+            "Dataset folder (default: $CLIDIM_JAX_DATA or ~/.cache/clidim_jax/datasets).",
+            flag_values=fv,
+        )
+        flags.DEFINE_string(
+            "base_url",
+            None,
+            "Fetch the archive from this URL prefix instead of Zenodo.",
+            flag_values=fv,
+        )
+        flags.DEFINE_boolean("progress", True, "Show a progress bar on stderr.", flag_values=fv)
     if command == "export":
         flags.DEFINE_list(
             "platforms", [], "Platforms to export for (default: this machine's).", flag_values=fv
@@ -196,7 +216,7 @@ def parse_args(command: str, argv: list[str]) -> tuple[flags.FlagValues, list[st
     if command == "denoise":
         if bool(fv.workdir) == bool(fv.model):
             raise UsageError("give the model as exactly one of --workdir DIR or --model FILE")
-    elif command != "benchmark" and not fv.workdir:
+    elif command not in ("benchmark", "download") and not fv.workdir:
         raise UsageError("--workdir is required")
     return fv, rest[1:]
 
@@ -270,6 +290,12 @@ def main(argv: list[str] | None = None) -> int:
         elif command == "denoise":
             fv, (input_path, output_path) = parse_args(command, rest)
             run_denoise(fv, input_path, output_path)
+        elif command == "download":
+            fv, (name,) = parse_args(command, rest)
+            from clidim_jax.data import download
+
+            path = download.fetch(name, fv.root, base_url=fv.base_url, progress=fv.progress)
+            print(path)
         elif command == "export":
             fv, (out,) = parse_args(command, rest)
             from clidim_jax.export import export_run
@@ -283,6 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ConfigError, DataError, FileNotFoundError) as e:
         print(f"clidim-jax {command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        dl = sys.modules.get("clidim_jax.data.download")
+        if dl is None or not isinstance(e, dl.DownloadError):
+            raise
+        print(f"clidim-jax {command}: error: {e}", file=sys.stderr)
+        return 1
     except FloatingPointError as e:
         print(f"clidim-jax {command}: training diverged: {e}", file=sys.stderr)
         return 1

@@ -50,9 +50,27 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.compute_dtype = "float32"  # float32 | bfloat16 (convolutions only)
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "demo"  # demo | stack
-    c.data.path = ""  # TIFF stack for source=stack
-    c.data.test_fraction = 0.5  # stack: left part (columns) held out for testing
+    # demo | stack | paired | convallaria | actin | skull (clidim_jax/data/datasets.py)
+    c.data.source = "demo"
+    c.data.path = ""  # stack: a TIFF of repeated noisy acquisitions (ground truth = their mean)
+    c.data.noisy_path = ""  # paired: a noisy TIFF, or a folder of them ...
+    c.data.clean_path = ""  # ... and the clean TIFF(s), matched by file name in folders
+    c.data.test_noisy_path = ""  # paired: an explicit test set (else a spatial split)
+    c.data.test_clean_path = ""
+    c.data.root = ""  # benchmarks: where `clidim-jax download` put them ("": $CLIDIM_JAX_DATA
+    # or ~/.cache/clidim_jax/datasets)
+    c.data.axes = ""  # override the TIFF's axes metadata, e.g. TYX, ZYX, YX ("": the file's)
+    # Spatial split of stack / paired images: the test region "y0:y1,x0:x1" (numpy bounds, empty
+    # = edge), or, when empty, the left `test_fraction` of the columns. Training uses
+    # `train_regions` ("y0:y1,x0:x1;..."), or, when empty, the rest of the image. The benchmark
+    # sources use the PN2V splits and ignore these.
+    c.data.test_fraction = 0.5
+    c.data.test_region = ""
+    c.data.train_regions = ""
+    c.data.ground_truth = "mean"  # of a stack: mean (float) | mean_uint16 (the reference's cast)
+    # Few-shot training: use N training images (0: all). N < batch size takes images [50:50+N]
+    # (the reference's rule), else a seeded random subset; repeated to the full set's length.
+    c.data.n_samples = 0
     c.data.patch_size = 256
     c.data.normalization = "percentile"  # percentile (leak-free, stored) | reference
     c.data.percentiles = (0.1, 99.9)  # of the noisy training images
@@ -120,11 +138,20 @@ def apply_args(c: ml_collections.ConfigDict, arg: str | None, allowed: tuple[str
                 f"unknown config argument {k!r}; this preset accepts variant, {', '.join(allowed)}"
             )
         if k == "dataset":
+            if v not in DATASET_ARGS:
+                raise ValueError(f"unknown dataset {v!r}; choose one of {', '.join(DATASET_ARGS)}")
             c.data.source = v
         elif k == "n_samples":
-            c.data.n_samples = int(v)
+            try:
+                c.data.n_samples = 0 if v == "all" else int(v)
+            except ValueError:
+                raise ValueError(f"n_samples={v!r}: expected all or a whole number") from None
         elif k == "seed":
             c.seed = int(v)
+
+
+# The `dataset=` argument of the reference and paper presets (Table I's three benchmarks).
+DATASET_ARGS = ("convallaria", "actin", "skull", "demo")
 
 
 class ConfigError(ValueError):
@@ -134,7 +161,8 @@ class ConfigError(ValueError):
 _CHOICES = {
     "model.norm": ("batch", "instance", "none"),
     "model.compute_dtype": ("float32", "bfloat16"),
-    "data.source": ("demo", "stack"),
+    "data.source": ("demo", "stack", "paired", "convallaria", "actin", "skull"),
+    "data.ground_truth": ("mean", "mean_uint16"),
     "data.normalization": ("percentile", "reference"),
     "loss.contrastive_loss": ("infonce", "ntxent"),
 }
@@ -174,6 +202,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.checkpoint.every_steps={c.checkpoint.every_steps} must be >= 0")
     if c.checkpoint.keep < 1:
         raise ConfigError(f"config.checkpoint.keep={c.checkpoint.keep} must be at least 1")
+    if c.data.n_samples < 0:
+        raise ConfigError(f"config.data.n_samples={c.data.n_samples} must be >= 0 (0: all)")
     if not 0.0 <= c.data.val_fraction < 1.0:
         raise ConfigError(f"config.data.val_fraction={c.data.val_fraction} must be in [0, 1)")
     for path in ("loss.gan", "loss.l1", "loss.ssim", "loss.tv", "loss.contrastive"):

@@ -29,9 +29,7 @@ def gaussian_baseline(
     gts = [test.pair(i)[1] for i in range(len(test))]
     best = None
     for s in sigmas:
-        preds = [
-            ndimage.gaussian_filter(test.noisy[i].astype(np.float64), s) for i in range(len(test))
-        ]
+        preds = [ndimage.gaussian_filter(a.astype(np.float64), s) for a in test.iter_noisy()]
         mean_psnr = float(np.mean([metrics.psnr(g, p) for g, p in zip(gts, preds)]))
         if best is None or mean_psnr > best[0]:
             best = (mean_psnr, s, preds)
@@ -192,9 +190,9 @@ def evaluate(
     "reference"."""
     if metrics_mode not in METRIC_CHOICES:
         raise ValueError(f"metrics must be one of {', '.join(METRIC_CHOICES)}")
-    preds = list(denoiser(test.noisy))
+    noisy = test.images()
+    preds = list(denoiser(noisy))
     gts = [test.pair(i)[1] for i in range(len(test))]
-    noisy = [test.noisy[i] for i in range(len(test))]
     base, sigma, base_preds = gaussian_baseline(test, tuple(baseline_sigmas))
     values = {
         "input": metrics.per_image(gts, noisy),
@@ -216,7 +214,7 @@ def evaluate(
         if denoiser.norm.mode == "reference":
             # A run reproducing the reference: predict as its test code does, with each image's
             # min-max over noisy and clean together.
-            ref_preds = list(denoiser(test.noisy, norms=reference_test_normalizations(test)))
+            ref_preds = list(denoiser(noisy, norms=reference_test_normalizations(test)))
             how = "per-image min-max of noisy and clean (the reference's test-time leak)"
         else:
             ref_preds = preds
@@ -290,7 +288,7 @@ def evaluate_run(
     if split not in ("test", "train"):
         raise ValueError(f"split must be test or train, got {split!r}")
     config, nets, state, norm = restore_run(workdir)
-    train_ds, test_ds = load_datasets(config.data)
+    train_ds, test_ds = load_datasets(config.data, config.train.batch_size, config.seed)
     ds = test_ds if split == "test" else train_ds
     ev = config.eval
     denoiser = Denoiser(

@@ -206,15 +206,24 @@ class Denoiser:
 
     def __call__(
         self,
-        images: np.ndarray,
+        images: np.ndarray | Sequence[np.ndarray],
         norms: Sequence[Normalization] | None = None,
         progress: Progress | None = None,
-    ) -> np.ndarray:
-        """images: (N, H, W) or (H, W) in original units -> float32 denoised, same shape.
+    ) -> np.ndarray | list[np.ndarray]:
+        """images: (N, H, W) or (H, W) in original units -> float32 denoised, same shape. A list
+        of 2-D images of different sizes gives a list of denoised images.
 
         `norms` gives each image its own normalisation (the reference code's test-time per-image
         min-max); by default every image uses the model's stored one.
         """
+        if not isinstance(images, np.ndarray) and len({np.shape(a) for a in images}) > 1:
+            norms = [self.norm] * len(images) if norms is None else list(norms)
+            outs = []
+            for i, (im, nm) in enumerate(zip(images, norms)):
+                outs.append(self.denoise(im, nm))
+                if progress is not None:
+                    progress(i + 1, len(images))
+            return outs
         images = np.asarray(images)
         single = images.ndim == 2
         images = images[None] if single else images

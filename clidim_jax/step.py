@@ -180,7 +180,8 @@ def make_sampled_train_step(
     mesh: Any = None,
 ) -> Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, Metrics]]:
     """The train step with on-device batch sampling in front: `(state, data, key)`, where `data`
-    holds the training images ("noisy", "clean", "clean_index") resident on the device.
+    holds the training images resident on the device (`PairedImages.device_data()`: "noisy",
+    "clean", "views" and, for few-shot sets, "order").
 
     With a `mesh`, the sampled global batch is constrained to the `data` axis, so each device
     draws and processes only its own part of it.
@@ -202,10 +203,11 @@ def make_sampled_train_step(
             state.step,
             data["noisy"],
             data["clean"],
-            data["clean_index"],
+            data["views"],
             batch_size=config.train.batch_size,
             patch_size=config.data.patch_size,
             augment=config.data.augment,
+            order=data.get("order"),
         )
         noisy, clean = constrain(noisy), constrain(clean)
         batch = normalize_batch(noisy, clean, config.data.normalization, norm.low, norm.high)

@@ -70,10 +70,14 @@ def compute_normalization(config: ml_collections.ConfigDict, train: PairedImages
     if d.normalization == "reference":
         # Training uses a per-batch min-max (in the step); for deployment store the training
         # data's overall min-max, which a large reference batch approaches.
-        lo = float(min(train.noisy.min(), train.clean.min()))
-        hi = float(max(train.noisy.max(), train.clean.max()))
+        lo = float(
+            min(min(a.min() for a in train.iter_noisy()), min(c.min() for c in train.iter_clean()))
+        )
+        hi = float(
+            max(max(a.max() for a in train.iter_noisy()), max(c.max() for c in train.iter_clean()))
+        )
         return Normalization(lo, hi if hi > lo else lo + 1.0, "reference")
-    return Normalization.from_images(train.noisy, tuple(d.percentiles))
+    return Normalization.from_images(train.iter_noisy(), tuple(d.percentiles))
 
 
 def make_metrics_collection(names: list[str]) -> type[clu_metrics.Collection]:
@@ -141,7 +145,14 @@ FIXED_ON_RESUME = (
     "model.",
     "data.source",
     "data.path",
+    "data.noisy_path",
+    "data.clean_path",
+    "data.axes",
     "data.test_fraction",
+    "data.test_region",
+    "data.train_regions",
+    "data.ground_truth",
+    "data.n_samples",
     "data.val_fraction",
     "data.patch_size",
     "data.normalization",
@@ -370,7 +381,7 @@ def validation_psnr(denoiser: Denoiser, val: PairedImages, state: TrainState) ->
     """Mean PSNR (comparable convention, METHOD.md section 7) of G on the validation region."""
     denoiser.variables = local_generator_variables(state)
     try:
-        preds = denoiser(val.noisy)
+        preds = denoiser(val.images())
     finally:
         denoiser.variables = None  # the state's buffers are donated to the next step
     return float(np.mean([metrics_lib.psnr(val.pair(i)[1], p) for i, p in enumerate(preds)]))
@@ -397,10 +408,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
     progress are restored, every step's randomness is fold_in(key, step), and the data stay on
     the device, so an interrupted run continues exactly as if it had not stopped."""
     config_lib.validate(config)
-    train_ds, val_ds, test_ds = load_splits(config.data)  # data errors before the workdir
+    # Every data error is raised here, before the workdir is touched.
+    train_ds, val_ds, test_ds = load_splits(config.data, config.train.batch_size, config.seed)
     nets = build_networks(config)
-    spe = steps_per_epoch(config, len(train_ds))
-    num_steps = total_steps(config, len(train_ds))
+    spe = steps_per_epoch(config, train_ds.epoch_length)
+    num_steps = total_steps(config, train_ds.epoch_length)
     norm = compute_normalization(config, train_ds)
     cc = config.checkpoint
 
@@ -413,10 +425,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
         jax.eval_shape(functools.partial(init_state, nets), init_key),
     )
     # Every process holds the (few-shot, small) training images and lifts them, replicated.
-    data = put_replicated(
-        {"noisy": train_ds.noisy, "clean": train_ds.clean, "clean_index": train_ds.clean_index},
-        mesh,
-    )
+    data = put_replicated(train_ds.device_data(), mesh)
     names = sorted(
         jax.eval_shape(
             make_sampled_train_step(config, nets, spe, norm, mesh=mesh),
@@ -471,8 +480,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
     _say(
-        f"{config.name}:{config.variant} on {train_ds.name} ({len(train_ds)} images of "
-        f"{train_ds.shape[0]}x{train_ds.shape[1]}), patch {config.data.patch_size}, "
+        f"{config.name}:{config.variant} on {train_ds.name} ({train_ds.describe()}), "
+        f"patch {config.data.patch_size}, "
         f"batch {config.train.batch_size}, {spe} steps/epoch, {num_steps} steps, "
         f"devices {jax.devices()}"
         + (f"; validation on {val_ds.name}" if val_ds is not None else "")
@@ -623,7 +632,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _dataset_name(config: ml_collections.ConfigDict) -> str:
-    return "acsn_tirf" if config.data.source == "demo" else os.path.basename(config.data.path)
+    d = config.data
+    if d.source == "demo":
+        return "acsn_tirf"
+    if d.source == "stack":
+        return os.path.basename(d.path)
+    if d.source == "paired":
+        return os.path.basename(os.path.normpath(d.noisy_path))
+    return d.source  # a benchmark
 
 
 def restore_run(

@@ -21,5 +21,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss.l1 = 1.0
     c.loss.contrastive_loss = "ntxent"
     c.data.normalization = "reference"
-    apply_args(c, arg, allowed=("seed",))
+    apply_args(c, arg, allowed=("seed", "dataset", "n_samples"))
     return c

@@ -16,5 +16,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = base_config()
     c.name = "reference"
     c.data.normalization = "reference"
-    apply_args(c, arg, allowed=("seed",))
+    c.data.ground_truth = "mean_uint16"  # the reference casts the mean to uint16
+    apply_args(c, arg, allowed=("seed", "dataset", "n_samples"))
     return c

@@ -19,10 +19,19 @@ def test_bundled_demo_stack_and_split():
     assert stack.shape == (20, 256, 256) and stack.dtype == np.uint16
     gt = stack.astype(np.float64).mean(0)
     assert train.noisy.dtype == np.uint16 and len(train) == len(test) == 20
-    np.testing.assert_array_equal(train.noisy, stack[:, :, 128:])
-    np.testing.assert_array_equal(test.noisy, stack[:, :, :128])
-    np.testing.assert_allclose(test.clean[0], gt[:, :128], rtol=1e-6)
-    np.testing.assert_allclose(train.clean[0], gt[:, 128:], rtol=1e-6)
+    assert train.shape == test.shape == (256, 128)
+    for i in (0, 7, 19):
+        a, b = train.pair(i)
+        np.testing.assert_array_equal(a, stack[i, :, 128:])
+        np.testing.assert_allclose(b, gt[:, 128:], rtol=1e-6)
+        a, b = test.pair(i)
+        np.testing.assert_array_equal(a, stack[i, :, :128])
+        np.testing.assert_allclose(b, gt[:, :128], rtol=1e-6)
+    # On the device: only the training columns, in the stored dtype, one clean image.
+    d = train.device_data()
+    np.testing.assert_array_equal(d["noisy"], stack[:, :, 128:])
+    assert d["noisy"].dtype == np.uint16 and d["clean"].shape == (1, 256, 128)
+    assert (d["views"][:, 2:] == [0, 0, 256, 128]).all() and "order" not in d
 
 
 def test_stack_source_and_errors(tmp_path):
@@ -75,13 +84,13 @@ def test_epoch_indices_visit_every_image_once_per_epoch():
 def test_sampling_is_a_function_of_key_and_step_and_keeps_pairs_aligned():
     rng = np.random.default_rng(0)
     noisy = jnp.asarray(rng.integers(0, 60000, (4, 40, 48)), jnp.uint16)
-    # Clean images stored in reverse order, so clean_index must be honoured: clean[3 - i] pairs
-    # with noisy[i] through the exact relation clean = 0.5 * noisy + 7.
+    # Clean images stored in reverse order, so the view's clean plane must be honoured: clean[3-i]
+    # pairs with noisy[i] through the exact relation clean = 0.5 * noisy + 7.
     clean = (noisy.astype(jnp.float32) * 0.5 + 7.0)[::-1]
-    idx = jnp.array([3, 2, 1, 0], jnp.int32)
+    views = jnp.array([(i, 3 - i, 0, 0, 40, 48) for i in range(4)], jnp.int32)
     kw = dict(batch_size=6, patch_size=16, augment=True)
     key = jax.random.key(0)
-    fn = jax.jit(lambda k, s: sample_batch(k, s, noisy, clean, idx, **kw))
+    fn = jax.jit(lambda k, s: sample_batch(k, s, noisy, clean, views, **kw))
     a1, b1 = fn(key, jnp.int32(5))
     a2, b2 = fn(key, jnp.int32(5))
     a3, _ = fn(key, jnp.int32(6))
@@ -90,3 +99,30 @@ def test_sampling_is_a_function_of_key_and_step_and_keeps_pairs_aligned():
     assert not np.array_equal(a1, a3)
     assert a1.shape == (6, 16, 16, 1) and a1.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(b1), np.asarray(a1) * 0.5 + 7.0, rtol=1e-6)
+
+
+def test_crops_stay_inside_views_of_different_sizes():
+    """Each stored pixel encodes its own (plane, y, x); every crop must come from inside its
+    view (a region of a plane), and every view must be drawn from."""
+    p_, h, w = 3, 40, 50
+    pp, yy, xx = np.meshgrid(np.arange(p_), np.arange(h), np.arange(w), indexing="ij")
+    noisy = jnp.asarray(pp * 10000 + yy * 100 + xx, jnp.float32)
+    clean = noisy + 0.5
+    views = np.array([(0, 0, 0, 0, 40, 20), (1, 1, 5, 20, 16, 30), (2, 2, 10, 3, 30, 16)], np.int32)
+    kw = dict(batch_size=8, patch_size=16, augment=False)
+    fn = jax.jit(lambda k, s: sample_batch(k, s, noisy, clean, jnp.asarray(views), **kw))
+    seen = set()
+    for s in range(12):
+        a, b = (np.asarray(t)[..., 0] for t in fn(jax.random.key(1), jnp.int32(s)))
+        np.testing.assert_array_equal(b, a + 0.5)
+        for crop in a:
+            plane, y, x = (
+                int(crop[0, 0]) // 10000,
+                int(crop[0, 0]) % 10000 // 100,
+                int(crop[0, 0]) % 100,
+            )
+            v = views[plane]
+            assert v[2] <= y <= v[2] + v[4] - 16 and v[3] <= x <= v[3] + v[5] - 16
+            np.testing.assert_array_equal(crop, noisy[plane, y : y + 16, x : x + 16])
+            seen.add(plane)
+    assert seen == {0, 1, 2}

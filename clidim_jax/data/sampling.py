@@ -3,6 +3,10 @@
 The training images stay on the device in their stored dtype; each step draws its crops, flips
 and rotations inside the jitted step from `fold_in(key, step)`. There is no iterator state, so a
 resumed run continues exactly, and no host input pipeline can starve the device.
+
+The images are *views* (rectangles) of stored planes, `views[i] = (noisy plane, clean plane, y0,
+x0, h, w)`: a crop is drawn uniformly inside its view, so spatial splits, regions of different
+sizes and repeated acquisitions sharing one clean image need no copies.
 """
 
 from __future__ import annotations
@@ -28,28 +32,39 @@ def sample_batch(
     step: jax.Array,
     noisy: jax.Array,
     clean: jax.Array,
-    clean_index: jax.Array,
+    views: jax.Array,
     *,
     batch_size: int,
     patch_size: int,
     augment: bool,
+    order: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Returns (noisy, clean) float32 crops, NHWC with one channel, in the data's own units."""
-    n, h, w = noisy.shape
-    if h < patch_size or w < patch_size:
-        raise ValueError(f"images of {h}x{w} are smaller than the patch size {patch_size}")
+    """Returns (noisy, clean) float32 crops, NHWC with one channel, in the data's own units.
+
+    `order` (few-shot sets): the view of each position of an epoch, so that N views repeated to
+    the full training-set length keep the epoch's number of steps."""
+    noisy, clean, views = jnp.asarray(noisy), jnp.asarray(clean), jnp.asarray(views)
+    n_views = views.shape[0]
+    length = n_views if order is None else order.shape[0]
     k_perm, k_y, k_x, k_aug = jax.random.split(key, 4)
-    idx = epoch_indices(k_perm, step, n, batch_size)
+    idx = epoch_indices(k_perm, step, length, batch_size)
+    if order is not None:
+        idx = jnp.asarray(order)[idx]
+    v = views[idx]
     step_key = jax.random.fold_in
-    ys = jax.random.randint(step_key(k_y, step), (batch_size,), 0, h - patch_size + 1)
-    xs = jax.random.randint(step_key(k_x, step), (batch_size,), 0, w - patch_size + 1)
+    ys = v[:, 2] + jax.random.randint(
+        step_key(k_y, step), (batch_size,), 0, v[:, 4] - patch_size + 1
+    )
+    xs = v[:, 3] + jax.random.randint(
+        step_key(k_x, step), (batch_size,), 0, v[:, 5] - patch_size + 1
+    )
     aug_keys = jax.random.split(step_key(k_aug, step), batch_size)
 
-    def crop(i, y, x, k):
-        a = jax.lax.dynamic_slice(noisy, (i, y, x), (1, patch_size, patch_size))[0]
-        b = jax.lax.dynamic_slice(clean, (clean_index[i], y, x), (1, patch_size, patch_size))[0]
+    def crop(p, c, y, x, k):
+        a = jax.lax.dynamic_slice(noisy, (p, y, x), (1, patch_size, patch_size))[0]
+        b = jax.lax.dynamic_slice(clean, (c, y, x), (1, patch_size, patch_size))[0]
         pair = jnp.stack([a.astype(jnp.float32), b.astype(jnp.float32)], axis=-1)
         return flip_rot90(k, pair) if augment else pair
 
-    pairs = jax.vmap(crop)(idx, ys, xs, aug_keys)
+    pairs = jax.vmap(crop)(v[:, 0], v[:, 1], ys, xs, aug_keys)
     return pairs[..., :1], pairs[..., 1:]
