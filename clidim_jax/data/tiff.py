@@ -74,7 +74,7 @@ def read_tiff(path: str | os.PathLike, *, axes: str = "") -> np.ndarray:
     try:
         with tifffile.TiffFile(path) as tf:
             if not tf.series:
-                raise DataError(f"{path}: a TIFF without image data")
+                raise DataError(f"{path}: not a readable TIFF (no image data in it)")
             series = tf.series[0]
             meta_axes = series.axes
             arr = series.asarray()
