@@ -32,6 +32,7 @@ def main() -> None:
     sys.path.insert(0, os.path.dirname(__file__))
     from conftest import tiny_config
 
+    from clidim_jax.data.datasets import PairedImages
     from clidim_jax.data.normalization import Normalization
     from clidim_jax.sharding import (
         init_replicated,
@@ -51,7 +52,7 @@ def main() -> None:
     yy, xx = np.mgrid[0:48, 0:48]
     clean = (1000 + 400 * np.sin(xx / 5.0) * np.cos(yy / 7.0)).astype(np.float32)[None]
     noisy = (clean + rng.normal(0, 150, (6, 48, 48))).clip(0, 65535).astype(np.uint16)
-    host_data = {"noisy": noisy, "clean": clean, "clean_index": np.zeros(6, np.int32)}
+    host_data = PairedImages.whole(noisy, clean, np.zeros(6, np.int32), "synthetic").device_data()
     norm = Normalization.from_images(noisy, (0.1, 99.9))
 
     sizes = (

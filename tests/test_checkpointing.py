@@ -256,7 +256,7 @@ def test_validation_region_is_carved_from_training_columns_only():
     c.data.val_fraction = 0.25
     train, val, test = load_splits(c.data)
     assert test.name == "acsn_tirf[0:256, 0:128]"
-    assert "right 64 columns" in val.name
+    assert train.name == "acsn_tirf[0:256, 128:192]" and val.name == "acsn_tirf[0:256, 192:256]"
     assert train.shape == (256, 64) and val.shape == (256, 64) and len(val) == 20
     c.data.val_fraction = 0.0
     full_train, full_test = load_datasets(c.data)

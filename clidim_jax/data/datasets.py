@@ -522,10 +522,20 @@ def carve_validation(
     keep[:, 5] = w - w_val
     val[:, 3] += w - w_val
     val[:, 5] = w_val
+    base = train.name.split("[")[0]
     return (
-        PairedImages(train.noisy, train.clean, keep, f"{train.name} (without validation)"),
-        PairedImages(train.noisy, train.clean, val, f"{train.name} (right {w_val} columns)"),
+        PairedImages(train.noisy, train.clean, keep, _region_name(base, keep, "training")),
+        PairedImages(train.noisy, train.clean, val, _region_name(base, val, "validation")),
     )
+
+
+def _region_name(base: str, views: np.ndarray, what: str) -> str:
+    """'name[y0:y1, x0:x1]' when every view is the same region, else 'name (what regions)'."""
+    regions = {tuple(int(v) for v in r) for r in views[:, 2:]}
+    if len(regions) == 1:
+        y, x, h, w = regions.pop()
+        return f"{base}{_fmt_rect((y, y + h, x, x + w))}"
+    return f"{base} ({len(regions)} {what} regions)"
 
 
 def few_shot(train: PairedImages, n: int, batch_size: int, seed: int) -> PairedImages:
