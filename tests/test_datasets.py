@@ -400,13 +400,19 @@ def test_train_end_to_end_on_a_stack_and_on_paired_folders(tmp_path):
     )  # fmt: skip
     r = json.loads((tmp_path / "s" / "eval.json").read_text())
     assert r["dataset"] == "stack.tif" and r["n_images"] == 4 and np.isfinite(r["output"]["psnr"])
-    nd, cd, _ = paired_folders(tmp_path / "pairs")
+    nd, cd, arrays = paired_folders(tmp_path / "pairs")
+    tn, tc = tmp_path / "test" / "noisy", tmp_path / "test" / "clean"  # two sizes
+    for name, (h, w) in (("x", (40, 56)), ("y", (48, 64))):
+        noisy, clean = arrays["b"]
+        write(tn / f"{name}.tif", noisy[:, :h, :w])
+        write(tc / f"{name}.tif", clean[:, :h, :w])
     run_cli(
         "train", f"--workdir={tmp_path}/p", *TINY, "--config.data.source=paired",
         f"--config.data.noisy_path={nd}", f"--config.data.clean_path={cd}",
+        f"--config.data.test_noisy_path={tn}", f"--config.data.test_clean_path={tc}",
     )  # fmt: skip
     r = json.loads((tmp_path / "p" / "eval.json").read_text())
-    assert r["dataset"] == "noisy" and r["n_images"] == 6
+    assert r["dataset"] == "noisy" and r["n_images"] == 6 and np.isfinite(r["output"]["psnr"])
     meta = json.loads((tmp_path / "p" / "config.json").read_text())
     assert meta["n_train_images"] == 6 and (tmp_path / "p" / "eval.png").exists()
 
