@@ -19,8 +19,6 @@ _DN = ("NHWC", "HWIO", "NHWC")
 # Contract batch and both spatial axes of two NHWC arrays: (N,H,W,A) x (N,H,W,B) -> (A, B).
 _NHW = (((0, 1, 2), (0, 1, 2)), ((), ()))
 
-# Gradient choices of the modules (EXPERIMENT: tuned by benchmarks, then fixed).
-_TUNE: dict[str, dict[str, str]] = {"down": {}, "up": {}}
 
 # Below this many input pixels per image (H * W), `method="auto"` uses the four-phase form.
 # The fused form computes an (H+1) x (W+1) output (the phases are shifted by one pixel), so its
@@ -239,14 +237,10 @@ def _conv_bwd(stride, input_grad, kernel_grad, res, dy):
         dx = _conv_transpose_value(dy, _swap_flip(kernel), "auto")
     else:
         dx = jax.vjp(lambda x: _conv_lax(x, kernel, stride), x)[1](dy)[0]
-    if kernel_grad in ("im2col", "im2col_t"):
+    if kernel_grad == "im2col":
         _, ho, wo, cout = dy.shape
         p = _patches(_pad1(x), stride, ho, wo)  # (N, Ho, Wo, (ty, tx, Cin))
-        if kernel_grad == "im2col":
-            g = lax.dot_general(p, dy, _NHW)
-        else:
-            g = lax.dot_general(dy, p, _NHW).T
-        dk = g.reshape(4, 4, x.shape[-1], cout).astype(kernel.dtype)
+        dk = lax.dot_general(p, dy, _NHW).reshape(4, 4, x.shape[-1], cout).astype(kernel.dtype)
     else:
         dk = jax.vjp(lambda k: _conv_lax(x, k, stride), kernel)[1](dy)[0]
     return dx, dk
@@ -261,7 +255,7 @@ def conv_4x4(
     stride: int = 2,
     *,
     input_grad: Literal["auto", "transposed", "lax"] = "auto",
-    kernel_grad: Literal["lax", "im2col", "im2col_t"] = "lax",
+    kernel_grad: Literal["lax", "im2col"] = "lax",
 ) -> Array:
     """PyTorch `Conv2d(Cin, Cout, 4, stride, padding=1)` on NHWC with a (4, 4, Cin, Cout) kernel:
 
@@ -272,8 +266,9 @@ def conv_4x4(
     same values, summed in another order): `input_grad="auto"` takes, for stride 2 and an
     even-sized input, the transposed convolution `conv_transpose_4x4_s2` of the output gradient
     (stride-1 convolutions) instead of the input-dilated convolution of autodiff, which XLA on CPU
-    runs several times slower; "lax" is autodiff. `kernel_grad` "im2col" ("im2col_t") is one dot
-    of the 4x4 patches of x with the output gradient (in the other operand order), "lax" autodiff.
+    runs several times slower; "lax" is autodiff. `kernel_grad="lax"` is autodiff, "im2col" one
+    dot of the 4x4 patches of x with the output gradient: in the reference train step it was
+    slower than autodiff (the patches cost a copy 16 times the input), so it is not the default.
     """
     _check_4x4(x, kernel)
     if stride not in (1, 2):
@@ -301,7 +296,7 @@ class Conv4x4(nn.Module):
         kernel = self.param(
             "kernel", self.kernel_init, (4, 4, x.shape[-1], self.features), jnp.float32
         )
-        y = conv_4x4(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, **_TUNE["down"])
+        y = conv_4x4(x.astype(self.dtype), kernel.astype(self.dtype), self.strides)
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
             y = y + bias.astype(self.dtype)
@@ -329,7 +324,7 @@ class ConvTranspose4x4(nn.Module):
             "kernel", self.kernel_init, (4, 4, x.shape[-1], self.features), jnp.float32
         )
         y = conv_transpose_4x4_s2(
-            x.astype(self.dtype), kernel.astype(self.dtype), method=self.method, **_TUNE["up"]
+            x.astype(self.dtype), kernel.astype(self.dtype), method=self.method
         )
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
