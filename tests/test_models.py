@@ -1,5 +1,6 @@
 """Tests of the networks: exact pix2pix parameter counts, shapes, the phase-decomposed transposed
-convolution against lax and a NumPy PyTorch-semantics reference, dropout, BatchNorm and init."""
+convolution and the custom-gradient 4x4 convolution against lax (value and both gradients) and a
+NumPy PyTorch-semantics reference, dropout, BatchNorm and init."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import pytest
 from jax import lax
 
 from clidim_jax.models import (
+    Conv4x4,
     ConvTranspose4x4,
     PatchGANDiscriminator,
     ProjectionHead,
     UNetGenerator,
     bn_scale_init,
+    conv_4x4,
     conv_transpose_4x4_s2,
     count_params,
     normal_init,
@@ -235,15 +238,19 @@ def value_and_grads(fn, x: jax.Array, kernel: jax.Array, cotangent: jax.Array):
     "method, x_shape, cout",
     [(m, *case) for m in ("phases", "fused") for case in CT_SHAPES] + [("auto", *CT_SHAPES[3])],
 )
+@pytest.mark.parametrize("input_grad, kernel_grad", [("lax", "im2col"), ("conv", "lax")])
 def test_conv_transpose_matches_lax_value_and_grads(
-    method: str, x_shape: tuple[int, ...], cout: int
+    method: str, x_shape: tuple[int, ...], cout: int, input_grad: str, kernel_grad: str
 ) -> None:
     out_shape = (x_shape[0], 2 * x_shape[1], 2 * x_shape[2], cout)
     x, kernel, cotangent = randn(sum(x_shape) + cout, x_shape, (4, 4, x_shape[-1], cout), out_shape)
 
-    ours = jax.jit(
-        lambda *a: value_and_grads(lambda x, k: conv_transpose_4x4_s2(x, k, method=method), *a)
-    )(x, kernel, cotangent)
+    def ct(x, k):
+        return conv_transpose_4x4_s2(
+            x, k, method=method, input_grad=input_grad, kernel_grad=kernel_grad
+        )
+
+    ours = jax.jit(lambda *a: value_and_grads(ct, *a))(x, kernel, cotangent)
     ref = jax.jit(lambda *a: value_and_grads(lax_reference, *a))(x, kernel, cotangent)
     assert ours[0].shape == ref[0].shape == out_shape
     for name, a, b in zip(("value", "grad x", "grad kernel"), ours, ref, strict=True):
@@ -280,6 +287,105 @@ def test_conv_transpose_rejects_bad_shapes() -> None:
         conv_transpose_4x4_s2(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3, 2)))
     with pytest.raises(ValueError, match="method"):
         conv_transpose_4x4_s2(jnp.zeros((1, 4, 4, 3)), jnp.zeros((4, 4, 3, 2)), method="x")
+
+
+# ---------------------------------------------------------------- 4x4 convolution (down)
+
+
+def lax_conv_reference(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    return lax.conv_general_dilated(
+        x, kernel, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def torch_conv_numpy(x: np.ndarray, w: np.ndarray, stride: int) -> np.ndarray:
+    """PyTorch Conv2d(4, stride, padding=1) as a loop; w is (Cout, Cin, 4, 4)."""
+    n, h, wd, _ = x.shape
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    ho, wo = (h + 2 - 4) // stride + 1, (wd + 2 - 4) // stride + 1
+    y = np.zeros((n, ho, wo, w.shape[0]), np.float64)
+    for oy in range(ho):
+        for ox in range(wo):
+            patch = xp[:, stride * oy : stride * oy + 4, stride * ox : stride * ox + 4]
+            y[:, oy, ox] = np.einsum("nhwc,ochw->no", patch, w)
+    return y
+
+
+# (x shape, Cout, stride): even and odd sizes, the 2x2 -> 1x1 innermost level, one input channel.
+CONV_CASES = [
+    ((2, 8, 6, 3), 4, 2),
+    ((1, 7, 9, 2), 3, 2),
+    ((3, 2, 2, 5), 2, 2),
+    ((2, 16, 16, 1), 3, 2),
+    ((2, 6, 5, 3), 2, 1),
+    ((1, 4, 4, 4), 1, 1),
+]
+CONV_GRADS = [("auto", "lax"), ("auto", "im2col"), ("lax", "im2col"), ("transposed", "lax")]
+
+
+@pytest.mark.parametrize("input_grad, kernel_grad", CONV_GRADS)
+@pytest.mark.parametrize("x_shape, cout, stride", CONV_CASES)
+def test_conv_4x4_matches_lax_value_and_grads(
+    x_shape: tuple[int, ...], cout: int, stride: int, input_grad: str, kernel_grad: str
+) -> None:
+    n, h, w, cin = x_shape
+    if input_grad == "transposed" and (stride != 2 or h % 2 or w % 2):
+        pytest.skip("the transposed-convolution input gradient needs stride 2 and an even size")
+    out_shape = (n, (h - 2) // stride + 1, (w - 2) // stride + 1, cout)
+    x, kernel, cotangent = randn(sum(x_shape) + cout, x_shape, (4, 4, cin, cout), out_shape)
+
+    def conv(x, k):
+        return conv_4x4(x, k, stride, input_grad=input_grad, kernel_grad=kernel_grad)
+
+    ours = jax.jit(lambda *a: value_and_grads(conv, *a))(x, kernel, cotangent)
+    ref = jax.jit(lambda *a: value_and_grads(lambda x, k: lax_conv_reference(x, k, stride), *a))(
+        x, kernel, cotangent
+    )
+    assert ours[0].shape == ref[0].shape == out_shape
+    for name, a, b in zip(("value", "grad x", "grad kernel"), ours, ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("x_shape, cout, stride", CONV_CASES[:2] + CONV_CASES[4:5])
+def test_conv_4x4_matches_pytorch_semantics(
+    x_shape: tuple[int, ...], cout: int, stride: int
+) -> None:
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal((cout, x_shape[-1], 4, 4)).astype(np.float32)  # PyTorch layout
+    expected = torch_conv_numpy(x.astype(np.float64), w.astype(np.float64), stride)
+    kernel = jnp.asarray(w.transpose(2, 3, 1, 0))  # (Cout, Cin, kh, kw) -> HWIO, no flip
+    np.testing.assert_allclose(conv_4x4(jnp.asarray(x), kernel, stride), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_module_matches_flax_conv_variables_and_output(stride: int) -> None:
+    """Same parameter names, shapes and initial values as the `nn.Conv` it replaces (checkpoints
+    and parameter counts carry over), same output."""
+    (x,) = randn(2, (2, 8, 8, 3))
+    ours = Conv4x4(5, strides=stride, bias_init=nn.initializers.normal(1.0))
+    flax_conv = nn.Conv(
+        5,
+        (4, 4),
+        strides=(stride, stride),
+        padding=((1, 1), (1, 1)),
+        kernel_init=normal_init(0.02),
+        bias_init=nn.initializers.normal(1.0),
+    )
+    v, v_flax = init(ours, 3, x), init(flax_conv, 3, x)
+    assert jax.tree.map(jnp.shape, v) == jax.tree.map(jnp.shape, v_flax)
+    assert v["params"]["kernel"].shape == (4, 4, 3, 5) and v["params"]["bias"].shape == (5,)
+    jax.tree.map(np.testing.assert_array_equal, v, v_flax)
+    np.testing.assert_allclose(ours.apply(v, x), flax_conv.apply(v, x), rtol=1e-5, atol=1e-5)
+    no_bias = init(Conv4x4(5, use_bias=False), 0, x)["params"]
+    assert set(no_bias) == {"kernel"}
+
+
+def test_conv_4x4_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        conv_4x4(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3, 2)))
+    with pytest.raises(ValueError, match="stride"):
+        conv_4x4(jnp.zeros((1, 4, 4, 3)), jnp.zeros((4, 4, 3, 2)), 3)
 
 
 # ---------------------------------------------------------------- dropout and BatchNorm

@@ -9,9 +9,11 @@ import numpy as np
 
 from clidim_jax.models.head import ProjectionHead
 from clidim_jax.models.layers import (
+    Conv4x4,
     ConvTranspose4x4,
     InstanceNorm,
     bn_scale_init,
+    conv_4x4,
     conv_transpose_4x4_s2,
     normal_init,
     torch_linear_init,
@@ -26,12 +28,14 @@ def count_params(params: Any) -> int:
 
 
 __all__ = [
+    "Conv4x4",
     "ConvTranspose4x4",
     "InstanceNorm",
     "PatchGANDiscriminator",
     "ProjectionHead",
     "UNetGenerator",
     "bn_scale_init",
+    "conv_4x4",
     "conv_transpose_4x4_s2",
     "count_params",
     "normal_init",

@@ -1,7 +1,8 @@
-"""CPU-friendly 4x4 stride-2 transposed convolution (phase decomposition), pix2pix initialisers."""
+"""pix2pix 4x4 convolutions (down, and transposed up) with CPU-friendly gradients; inits, norms."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Literal
 
@@ -15,6 +16,9 @@ Dtype = Any
 Initializer = nn.initializers.Initializer
 
 _DN = ("NHWC", "HWIO", "NHWC")
+# Contract batch and both spatial axes of two NHWC arrays: (N,H,W,A) x (N,H,W,B) -> (A, B).
+_NHW = (((0, 1, 2), (0, 1, 2)), ((), ()))
+
 
 # Below this many input pixels per image (H * W), `method="auto"` uses the four-phase form.
 # The fused form computes an (H+1) x (W+1) output (the phases are shifted by one pixel), so its
@@ -92,8 +96,81 @@ def _conv_transpose_fused(x: Array, kernel: Array) -> Array:
     return out[:, 1 : 2 * h + 1, 1 : 2 * w + 1]
 
 
+def _conv_transpose_value(x: Array, kernel: Array, method: str) -> Array:
+    if method == "auto":
+        method = "phases" if x.shape[1] * x.shape[2] <= _PHASES_MAX_PIXELS else "fused"
+    if method == "phases":
+        return _conv_transpose_phases(x, kernel)
+    if method == "fused":
+        return _conv_transpose_fused(x, kernel)
+    raise ValueError(f"method must be 'auto', 'phases' or 'fused', got {method!r}")
+
+
+def _patches(xp: Array, stride: int, ho: int, wo: int) -> Array:
+    """im2col of a padded NHWC input for a 4x4 window: (N, Ho, Wo, 16 * C), the last axis ordered
+    (ty, tx, c) like a flattened (4, 4, C, ...) kernel."""
+    s = stride
+    cols = [
+        xp[:, ty : ty + s * (ho - 1) + 1 : s, tx : tx + s * (wo - 1) + 1 : s]
+        for ty in range(4)
+        for tx in range(4)
+    ]
+    return jnp.concatenate(cols, axis=-1)
+
+
+def _check_4x4(x: Array, kernel: Array) -> None:
+    if x.ndim != 4 or kernel.shape[:2] != (4, 4) or kernel.shape[2] != x.shape[-1]:
+        raise ValueError(
+            f"expected x (N,H,W,Cin) and kernel (4,4,Cin,Cout), got {x.shape} and {kernel.shape}"
+        )
+
+
+def _swap_flip(kernel: Array) -> Array:
+    """The kernel of the adjoint operator: spatially flipped, Cin and Cout swapped."""
+    return kernel[::-1, ::-1].transpose(0, 1, 3, 2)
+
+
+# ------------------------------------------------------------------ transposed convolution (up)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_transpose(x: Array, kernel: Array, method: str, input_grad: str, kernel_grad: str):
+    return _conv_transpose_value(x, kernel, method)
+
+
+def _conv_transpose_fwd(x, kernel, method, input_grad, kernel_grad):
+    return _conv_transpose_value(x, kernel, method), (x, kernel)
+
+
+def _conv_transpose_bwd(method, input_grad, kernel_grad, res, dy):
+    x, kernel = res
+    if input_grad == "conv":
+        # The adjoint of the transposed convolution is the strided convolution.
+        dx = _conv_lax(dy, _swap_flip(kernel), 2)
+    else:
+        dx = jax.vjp(lambda x: _conv_transpose_value(x, kernel, method), x)[1](dy)[0]
+    if kernel_grad == "im2col":
+        # kernel[3 - t] pairs x[i] with y[2i - 1 + t] = pad1(y)[2i + t] (per spatial axis): one
+        # dot of x against the stride-2 patches of the padded output gradient.
+        _, h, w, cin = x.shape
+        p = _patches(_pad1(dy), 2, h, w)  # (N, H, W, (ty, tx, Cout))
+        g = lax.dot_general(x, p, _NHW).reshape(cin, 4, 4, -1).transpose(1, 2, 0, 3)
+        dk = g[::-1, ::-1].astype(kernel.dtype)
+    else:
+        dk = jax.vjp(lambda k: _conv_transpose_value(x, k, method), kernel)[1](dy)[0]
+    return dx, dk
+
+
+_conv_transpose.defvjp(_conv_transpose_fwd, _conv_transpose_bwd)
+
+
 def conv_transpose_4x4_s2(
-    x: Array, kernel: Array, *, method: Literal["auto", "phases", "fused"] = "auto"
+    x: Array,
+    kernel: Array,
+    *,
+    method: Literal["auto", "phases", "fused"] = "auto",
+    input_grad: Literal["lax", "conv"] = "lax",
+    kernel_grad: Literal["im2col", "lax"] = "im2col",
 ) -> Array:
     """PyTorch `ConvTranspose2d(4, stride=2, padding=1)` on NHWC: (N,H,W,Cin) -> (N,2H,2W,Cout).
 
@@ -113,21 +190,117 @@ def conv_transpose_4x4_s2(
     since PyTorch scatters y[o] += x[i] * w[o - 2i + 1] while the correlation above reads
     kernel[2i - o + 2] = kernel[3 - (o - 2i + 1)].
 
-    Both formulations are exact rearrangements of the same products: "phases" (four 2x2
+    Value: both formulations are exact rearrangements of the same products: "phases" (four 2x2
     convolutions) is faster for small spatial inputs, "fused" (one 2x2 convolution with 4*Cout
     outputs) for large ones; "auto" picks by the (static) input size.
+
+    Gradients (a custom VJP; the same values as autodiff, summed in another order):
+    `kernel_grad="im2col"` is one dot of x against the stride-2 patches of the output gradient,
+    where autodiff of the stride-1 forms gives a convolution over the whole image with a 2x2
+    output, which XLA on CPU runs at a fraction of its matmul speed. `input_grad="lax"` is the
+    autodiff of the chosen forward form (stride-1 convolutions), "conv" the equivalent 4x4
+    stride-2 convolution of the output gradient (`conv_4x4`).
     """
-    if x.ndim != 4 or kernel.shape[:2] != (4, 4) or kernel.shape[2] != x.shape[-1]:
-        raise ValueError(
-            f"expected x (N,H,W,Cin) and kernel (4,4,Cin,Cout), got {x.shape} and {kernel.shape}"
+    _check_4x4(x, kernel)
+    if method not in ("auto", "phases", "fused"):
+        raise ValueError(f"method must be 'auto', 'phases' or 'fused', got {method!r}")
+    return _conv_transpose(x, kernel, method, input_grad, kernel_grad)
+
+
+# ------------------------------------------------------------------ convolution (down)
+
+
+def _conv_lax(x: Array, kernel: Array, stride: int) -> Array:
+    return lax.conv_general_dilated(
+        x, kernel, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=_DN
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(x: Array, kernel: Array, stride: int, input_grad: str, kernel_grad: str) -> Array:
+    return _conv_lax(x, kernel, stride)
+
+
+def _conv_fwd(x, kernel, stride, input_grad, kernel_grad):
+    return _conv_lax(x, kernel, stride), (x, kernel)
+
+
+def _conv_bwd(stride, input_grad, kernel_grad, res, dy):
+    x, kernel = res
+    if input_grad == "auto":
+        even = x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0
+        input_grad = "transposed" if stride == 2 and even else "lax"
+    if input_grad == "transposed":
+        # The adjoint of the 4x4 stride-2 pad-1 convolution of an even-sized input is the
+        # transposed convolution with the flipped, swapped kernel: stride-1 convolutions, where
+        # autodiff gives an input-dilated convolution that XLA on CPU runs slowly.
+        dx = _conv_transpose_value(dy, _swap_flip(kernel), "auto")
+    else:
+        dx = jax.vjp(lambda x: _conv_lax(x, kernel, stride), x)[1](dy)[0]
+    if kernel_grad == "im2col":
+        _, ho, wo, cout = dy.shape
+        p = _patches(_pad1(x), stride, ho, wo)  # (N, Ho, Wo, (ty, tx, Cin))
+        dk = lax.dot_general(p, dy, _NHW).reshape(4, 4, x.shape[-1], cout).astype(kernel.dtype)
+    else:
+        dk = jax.vjp(lambda k: _conv_lax(x, k, stride), kernel)[1](dy)[0]
+    return dx, dk
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv_4x4(
+    x: Array,
+    kernel: Array,
+    stride: int = 2,
+    *,
+    input_grad: Literal["auto", "transposed", "lax"] = "auto",
+    kernel_grad: Literal["lax", "im2col"] = "lax",
+) -> Array:
+    """PyTorch `Conv2d(Cin, Cout, 4, stride, padding=1)` on NHWC with a (4, 4, Cin, Cout) kernel:
+
+        lax.conv_general_dilated(x, kernel, (stride, stride), ((1, 1), (1, 1)),
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    in value and gradients. The value is that convolution; the gradients are a custom VJP (the
+    same values, summed in another order): `input_grad="auto"` takes, for stride 2 and an
+    even-sized input, the transposed convolution `conv_transpose_4x4_s2` of the output gradient
+    (stride-1 convolutions) instead of the input-dilated convolution of autodiff, which XLA on CPU
+    runs several times slower; "lax" is autodiff. `kernel_grad="lax"` is autodiff, "im2col" one
+    dot of the 4x4 patches of x with the output gradient: in the reference train step it was
+    slower than autodiff (the patches cost a copy 16 times the input), so it is not the default.
+    """
+    _check_4x4(x, kernel)
+    if stride not in (1, 2):
+        raise ValueError(f"stride must be 1 or 2, got {stride}")
+    return _conv(x, kernel, stride, input_grad, kernel_grad)
+
+
+class Conv4x4(nn.Module):
+    """pix2pix `Conv2d(Cin, features, 4, stride, padding=1)` for NHWC input (`conv_4x4`).
+
+    The variables are those of `flax.linen.Conv(features, (4, 4), strides, ((1, 1), (1, 1)))`:
+    float32 'kernel' (4, 4, Cin, features) and 'bias' (features,) when `use_bias`, with the same
+    names, shapes and initialisation, so checkpoints carry over; the computation runs in `dtype`.
+    """
+
+    features: int
+    strides: int = 2
+    use_bias: bool = True
+    kernel_init: Initializer = normal_init(0.02)
+    bias_init: Initializer = nn.initializers.zeros_init()
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param(
+            "kernel", self.kernel_init, (4, 4, x.shape[-1], self.features), jnp.float32
         )
-    if method == "auto":
-        method = "phases" if x.shape[1] * x.shape[2] <= _PHASES_MAX_PIXELS else "fused"
-    if method == "phases":
-        return _conv_transpose_phases(x, kernel)
-    if method == "fused":
-        return _conv_transpose_fused(x, kernel)
-    raise ValueError(f"method must be 'auto', 'phases' or 'fused', got {method!r}")
+        y = conv_4x4(x.astype(self.dtype), kernel.astype(self.dtype), self.strides)
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return y
 
 
 class ConvTranspose4x4(nn.Module):

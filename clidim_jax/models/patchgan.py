@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clidim_jax.models.layers import check_norm, make_norm, norm_uses_bias, normal_init
+from clidim_jax.models.layers import Conv4x4, check_norm, make_norm, norm_uses_bias, normal_init
 
 Array = jax.Array
 Dtype = Any
@@ -37,16 +37,13 @@ class PatchGANDiscriminator(nn.Module):
             raise ValueError(f"expected NHWC input, got shape {x.shape}")
         bias = norm_uses_bias(self.norm)
 
-        def conv(k: int, features: int, stride: int, use_bias: bool) -> nn.Conv:
-            return nn.Conv(
+        def conv(k: int, features: int, stride: int, use_bias: bool) -> Conv4x4:
+            return Conv4x4(
                 features,
-                (4, 4),
-                strides=(stride, stride),
-                padding=((1, 1), (1, 1)),
+                strides=stride,
                 use_bias=use_bias,
                 kernel_init=normal_init(0.02),
                 dtype=self.dtype,
-                param_dtype=jnp.float32,
                 name=f"conv{k}",
             )
 

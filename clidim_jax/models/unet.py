@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from clidim_jax.models.layers import (
+    Conv4x4,
     ConvTranspose4x4,
     check_norm,
     make_norm,
@@ -67,16 +68,13 @@ class UNetGenerator(nn.Module):
         inner = self.depth - 1
         bias = norm_uses_bias(self.norm)
 
-        def conv(i: int) -> nn.Conv:
-            return nn.Conv(
+        def conv(i: int) -> Conv4x4:
+            return Conv4x4(
                 level_channels(self.ngf, i),
-                (4, 4),
-                strides=(2, 2),
-                padding=((1, 1), (1, 1)),
+                strides=2,
                 use_bias=bias,
                 kernel_init=normal_init(0.02),
                 dtype=self.dtype,
-                param_dtype=jnp.float32,
                 name=f"down{i}",
             )
 
