@@ -64,17 +64,20 @@ def main() -> None:
         state = init_replicated(functools.partial(init_state, nets), mesh, jax.random.key(0))
         data = put_replicated(host_data, mesh)
         step = jax.jit(make_sampled_train_step(c, nets, 2, norm, mesh=mesh), donate_argnums=(0,))
+        def flat(state):
+            leaves = jax.tree.leaves(
+                (state.g_params, state.d_params, state.g_batch_stats, state.d_batch_stats)
+            )
+            return np.concatenate([np.asarray(x.addressable_data(0)).ravel() for x in leaves])
+
         losses = []
-        for _ in range(args.steps):
+        for i in range(args.steps):
             state, m = step(state, data, jax.random.key(1))
             losses.append([float(m[k].addressable_data(0)) for k in sorted(m)])
-        leaves = jax.tree.leaves(
-            (state.g_params, state.d_params, state.g_batch_stats, state.d_batch_stats)
-        )
+            if i == 0:
+                results[f"params_step1_{n}"] = flat(state)
         results[f"losses_{n}"] = np.array(losses)
-        results[f"params_{n}"] = np.concatenate(
-            [np.asarray(x.addressable_data(0)).ravel() for x in leaves]
-        )
+        results[f"params_{n}"] = flat(state)
         results["names"] = np.array(sorted(m))
     if jax.process_index() == 0:
         np.savez(args.out, **results)

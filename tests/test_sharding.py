@@ -24,9 +24,14 @@ from clidim_jax.state import build_networks, init_state
 from clidim_jax.step import make_train_step
 
 WORKER = os.path.join(os.path.dirname(__file__), "multidevice_worker.py")
-# Losses are compared relative to their size (g_tv is ~1e2, probabilities ~0.5); parameters
-# (|p| <= ~1) absolutely. Measured differences are ~2e-7 relative and ~1e-6 absolute.
+# After one step: losses relative to their size (g_tv is ~1e2, probabilities ~0.5) and parameters
+# (|p| <= ~1) absolutely; measured ~3e-7 relative and ~7.5e-7 absolute. Over further steps Adam
+# amplifies reduction-order noise in parameters whose gradient is near zero (g / (|g| + eps) turns
+# a 1e-9 gradient into a step of up to lr = 2e-4), so after 3 steps a few parameters (~0.1 %) move
+# by up to ~1 lr: measured 2.5e-4 absolute, losses within 2.2e-4 relative (1 vs 4 or 8 devices),
+# while 4 vs 8 devices stay within 4e-7. The later steps are checked against that Adam bound.
 LOSS_RTOL, PARAM_ATOL = 1e-5, 1e-5
+LATER_LOSS_RTOL, LR = 2e-3, 2e-4
 
 
 def _run(args, **popen):
@@ -48,16 +53,23 @@ def one_process(tmp_path_factory):
     return np.load(out)
 
 
-def _assert_close(a_losses, b_losses, a_params, b_params):
-    np.testing.assert_allclose(a_losses, b_losses, rtol=LOSS_RTOL, atol=1e-7)
-    assert np.abs(a_params - b_params).max() <= PARAM_ATOL
+def _assert_close(a, b, key_a, key_b):
+    """Runs `a[...key_a]` and `b[...key_b]` computed the same function of the same data."""
+    la, lb = a[f"losses_{key_a}"], b[f"losses_{key_b}"]
+    np.testing.assert_allclose(la[0], lb[0], rtol=LOSS_RTOL, atol=1e-7)
+    d1 = np.abs(a[f"params_step1_{key_a}"] - b[f"params_step1_{key_b}"])
+    assert d1.max() <= PARAM_ATOL
+    np.testing.assert_allclose(la, lb, rtol=LATER_LOSS_RTOL, atol=1e-6)
+    d = np.abs(a[f"params_{key_a}"] - b[f"params_{key_b}"])
+    assert d.max() <= 2 * len(la) * LR  # Adam moves a parameter by at most ~lr per step
+    assert np.mean(d > PARAM_ATOL) < 0.005
 
 
 @pytest.mark.parametrize("n", [4, 8])
 def test_same_function_on_1_4_8_devices(one_process, n):
     r = one_process
     assert r["losses_1"].shape == (3, len(r["names"]))
-    _assert_close(r[f"losses_{n}"], r["losses_1"], r[f"params_{n}"], r["params_1"])
+    _assert_close(r, r, n, 1)
     # ...and the runs really trained (the comparison is not between untouched states).
     assert not np.allclose(r["losses_1"][0], r["losses_1"][-1])
 
@@ -89,7 +101,7 @@ def test_two_processes_match_one_process_of_four_devices(one_process, tmp_path):
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)
     two = np.load(out)
     r = one_process
-    _assert_close(two["losses_4"], r["losses_4"], two["params_4"], r["params_4"])
+    _assert_close(two, r, 4, 4)
 
 
 def test_batch_must_divide_by_devices():
