@@ -64,6 +64,7 @@ def main() -> None:
         state = init_replicated(functools.partial(init_state, nets), mesh, jax.random.key(0))
         data = put_replicated(host_data, mesh)
         step = jax.jit(make_sampled_train_step(c, nets, 2, norm, mesh=mesh), donate_argnums=(0,))
+
         def flat(state):
             leaves = jax.tree.leaves(
                 (state.g_params, state.d_params, state.g_batch_stats, state.d_batch_stats)
