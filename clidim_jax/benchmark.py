@@ -31,7 +31,7 @@ from clidim_jax.sharding import (
     put_replicated,
 )
 from clidim_jax.state import build_networks, init_state
-from clidim_jax.step import make_sampled_train_step
+from clidim_jax.step import make_sampled_train_step, step_compiler_options
 
 
 def peak_rss_bytes() -> int:
@@ -109,7 +109,11 @@ def benchmark_train(
     state = init_replicated(functools.partial(init_state, nets), mesh, jax.random.key(0))
     data = put_replicated(host, mesh)
     key = jax.random.key(1)
-    step = jax.jit(make_sampled_train_step(config, nets, 10, norm, mesh=mesh), donate_argnums=(0,))
+    step = jax.jit(
+        make_sampled_train_step(config, nets, 10, norm, mesh=mesh),
+        donate_argnums=(0,),
+        compiler_options=step_compiler_options(mesh),
+    )
     t = time.perf_counter()
     lowered = step.lower(state, data, key)
     compiled = lowered.compile()

@@ -50,7 +50,7 @@ from clidim_jax.state import (
     steps_per_epoch,
     total_steps,
 )
-from clidim_jax.step import make_sampled_train_step
+from clidim_jax.step import make_sampled_train_step, step_compiler_options
 from clidim_jax.writers import MetricWriter
 
 
@@ -284,7 +284,9 @@ def compiled_loop_step(
     )
     if key not in _compiled_steps:
         step = make_loop_step(make_sampled_train_step(config, nets, spe, norm, mesh=mesh), names)
-        _compiled_steps[key] = jax.jit(step, donate_argnums=(0,))
+        _compiled_steps[key] = jax.jit(
+            step, donate_argnums=(0,), compiler_options=step_compiler_options(mesh)
+        )
         while len(_compiled_steps) > 4:
             _compiled_steps.popitem(last=False)
     _compiled_steps.move_to_end(key)
