@@ -3,16 +3,11 @@
 import json
 
 import pytest
+from conftest import TINY_MODEL_FLAGS
 
 from clidim_jax import cli
 
-TINY = [
-    "--config.model.depth=4",
-    "--config.model.ngf=8",
-    "--config.model.ndf=8",
-    "--config.data.patch_size=32",
-    "--config.train.batch_size=2",
-]
+TINY = TINY_MODEL_FLAGS
 KEYS = (
     "compile_s",
     "step_s",

@@ -3,32 +3,11 @@
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from conftest import run_cli, tiny_train_flags
 
-TINY = [
-    "--config.model.depth=4",
-    "--config.model.ngf=8",
-    "--config.model.ndf=8",
-    "--config.data.patch_size=32",
-    "--config.train.batch_size=2",
-    "--config.train.n_epochs=2",
-    "--config.train.n_epochs_decay=1",
-    "--config.train.steps_per_epoch=2",
-    "--config.train.log_every=2",
-]
-
-
-def run_cli(*args, check=True):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    p = subprocess.run(
-        [sys.executable, "-m", "clidim_jax", *args], capture_output=True, text=True, env=env
-    )
-    if check and p.returncode != 0:
-        raise AssertionError(f"exit {p.returncode}\n{p.stdout}\n{p.stderr}")
-    return p
+TINY = tiny_train_flags()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tifffile
-from conftest import tiny_config
+from conftest import run_cli, tiny_config, tiny_train_flags
 
 from clidim_jax import cli
 from clidim_jax.data import DataError, load_datasets
@@ -369,27 +369,7 @@ def test_cli_bad_input_exits_2_with_one_line_and_leaves_the_workdir_alone(tmp_pa
 
 # --- End to end through the command line, and the host-memory bound ---------------------------
 
-TINY = [
-    "--config.model.depth=4",
-    "--config.model.ngf=8",
-    "--config.model.ndf=8",
-    "--config.data.patch_size=32",
-    "--config.train.batch_size=2",
-    "--config.train.n_epochs=1",
-    "--config.train.n_epochs_decay=1",
-    "--config.train.steps_per_epoch=2",
-    "--config.train.log_every=2",
-    "--config.eval.baseline_sigmas=(1.0,)",
-]
-
-
-def run_cli(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    p = subprocess.run(
-        [sys.executable, "-m", "clidim_jax", *args], capture_output=True, text=True, env=env
-    )
-    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
-    return p
+TINY = [*tiny_train_flags(n_epochs=1), "--config.eval.baseline_sigmas=(1.0,)"]
 
 
 def test_train_end_to_end_on_a_stack_and_on_paired_folders(tmp_path):
