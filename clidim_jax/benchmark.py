@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from clidim_jax import config_lib
+from clidim_jax.compiler import compiler_options
 from clidim_jax.data.normalization import Normalization
 from clidim_jax.models import count_params
 from clidim_jax.sharding import (
@@ -148,7 +149,9 @@ def benchmark_denoise(
     state = jax.jit(functools.partial(init_state, nets))(jax.random.key(0))
     variables = {"params": state.g_params, "batch_stats": state.g_batch_stats}
     x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, size, size, 1)), jnp.float32)
-    fn = jax.jit(lambda v, x: nets.generator.apply(v, x, train=False))
+    fn = jax.jit(
+        lambda v, x: nets.generator.apply(v, x, train=False), compiler_options=compiler_options()
+    )
     t = time.perf_counter()
     compiled = fn.lower(variables, x).compile()
     compile_s = time.perf_counter() - t

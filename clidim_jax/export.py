@@ -52,11 +52,11 @@ def _exported_name(k: int) -> str:
 def size_classes(depth: int) -> list[SizeClass]:
     """Ranges of h * w (image height and width in units of 2**depth) within which every
     transposed convolution of the U-Net picks the same formulation. The one whose input is at
-    level j (1..depth) sees h * w * 4**(depth - j) pixels and uses "phases" up to
-    `_PHASES_MAX_PIXELS` of them."""
-    from clidim_jax.models.layers import _PHASES_MAX_PIXELS
+    level j (1..depth) sees h * w * 4**(depth - j) pixels and uses "dot" up to
+    `_DOT_MAX_PIXELS` of them, "fused" above."""
+    from clidim_jax.models.layers import _DOT_MAX_PIXELS
 
-    cuts = sorted({_PHASES_MAX_PIXELS // 4 ** (depth - j) for j in range(1, depth + 1)} - {0})
+    cuts = sorted({_DOT_MAX_PIXELS // 4 ** (depth - j) for j in range(1, depth + 1)} - {0})
     out: list[SizeClass] = []
     lo = 1
     for c in cuts:

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clidim_jax.compiler import compiler_options
 from clidim_jax.data.normalization import Normalization
 
 Progress = Callable[[int, int], None]
@@ -167,7 +168,7 @@ class Denoiser:
             y = generator.apply(variables, x, train=False)
             return y.astype(jnp.float32)
 
-        self._predict = jax.jit(predict)
+        self._predict = jax.jit(predict, compiler_options=compiler_options())
 
     @property
     def exact_tiling(self) -> bool:

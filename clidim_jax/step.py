@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from clidim_jax import augment, losses
+from clidim_jax import augment, compiler, losses
 from clidim_jax.state import Networks, TrainState, linear_policy
 
 Batch = dict[str, jax.Array]  # "noisy", "clean": (B, H, W, 1) float32 in [-1, 1]
@@ -173,18 +173,9 @@ def normalize_batch(
 
 
 def step_compiler_options(mesh: Any = None) -> dict[str, Any]:
-    """XLA options for `jax.jit(..., compiler_options=...)` of the (donated) train step.
-
-    On CPU: copy insertion with region analysis. Without it XLA's CPU compiler copies most
-    parameter and Adam first-moment buffers of the donated state before the step (about 114M
-    floats in the reference preset, as the fused Adam update of a parameter reads the old first
-    moment that its in-place update overwrites); with it, none. The values are bitwise the same;
-    measured gain is 0-3% of the reference step (2-core CPU). Other platforms: none.
-    """
-    device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
-    if device.platform == "cpu":
-        return {"xla_cpu_copy_insertion_use_region_analysis": True}
-    return {}
+    """XLA options for `jax.jit(..., compiler_options=...)` of the (donated) train step on the
+    mesh's devices (`clidim_jax.compiler`)."""
+    return compiler.compiler_options(mesh.devices.flat[0] if mesh is not None else None)
 
 
 def make_sampled_train_step(

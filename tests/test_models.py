@@ -236,9 +236,12 @@ def value_and_grads(fn, x: jax.Array, kernel: jax.Array, cotangent: jax.Array):
 
 @pytest.mark.parametrize(
     "method, x_shape, cout",
-    [(m, *case) for m in ("phases", "fused") for case in CT_SHAPES] + [("auto", *CT_SHAPES[3])],
+    [(m, *case) for m in ("dot", "phases", "fused") for case in CT_SHAPES]
+    + [("auto", *CT_SHAPES[3])],
 )
-@pytest.mark.parametrize("input_grad, kernel_grad", [("lax", "im2col"), ("conv", "lax")])
+@pytest.mark.parametrize(
+    "input_grad, kernel_grad", [("lax", "im2col"), ("conv", "lax"), ("dot", "im2col")]
+)
 def test_conv_transpose_matches_lax_value_and_grads(
     method: str, x_shape: tuple[int, ...], cout: int, input_grad: str, kernel_grad: str
 ) -> None:
@@ -257,7 +260,7 @@ def test_conv_transpose_matches_lax_value_and_grads(
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("method", ["phases", "fused"])
+@pytest.mark.parametrize("method", ["dot", "phases", "fused"])
 @pytest.mark.parametrize("x_shape, cout", CT_SHAPES[:2])
 def test_conv_transpose_matches_pytorch_semantics(
     x_shape: tuple[int, ...], cout: int, method: str
@@ -314,21 +317,29 @@ def torch_conv_numpy(x: np.ndarray, w: np.ndarray, stride: int) -> np.ndarray:
 # (x shape, Cout, stride): even and odd sizes, the 2x2 -> 1x1 innermost level, one input channel.
 CONV_CASES = [
     ((2, 8, 6, 3), 4, 2),
+    ((1, 20, 18, 6), 3, 2),
     ((1, 7, 9, 2), 3, 2),
     ((3, 2, 2, 5), 2, 2),
     ((2, 16, 16, 1), 3, 2),
     ((2, 6, 5, 3), 2, 1),
     ((1, 4, 4, 4), 1, 1),
 ]
-CONV_GRADS = [("auto", "lax"), ("auto", "im2col"), ("lax", "im2col"), ("transposed", "lax")]
+CONV_GRADS = [
+    ("auto", "auto"),
+    ("auto", "lax"),
+    ("lax", "im2col"),
+    ("transposed", "lax"),
+    ("dot", "im2col"),
+]
 
 
-# The transposed-convolution input gradient exists for stride 2 and even sizes only.
+# The transposed-convolution and dot input gradients exist for stride 2 and even sizes only.
 CONV_PARAMS = [
     (*case, *grads)
     for case in CONV_CASES
     for grads in CONV_GRADS
-    if grads[0] != "transposed" or (case[2] == 2 and case[0][1] % 2 == 0 and case[0][2] % 2 == 0)
+    if grads[0] not in ("transposed", "dot")
+    or (case[2] == 2 and case[0][1] % 2 == 0 and case[0][2] % 2 == 0)
 ]
 
 

@@ -16,15 +16,32 @@ Dtype = Any
 Initializer = nn.initializers.Initializer
 
 _DN = ("NHWC", "HWIO", "NHWC")
-# Contract batch and both spatial axes of two NHWC arrays: (N,H,W,A) x (N,H,W,B) -> (A, B).
-_NHW = (((0, 1, 2), (0, 1, 2)), ((), ()))
 
 
-# Below this many input pixels per image (H * W), `method="auto"` uses the four-phase form.
-# The fused form computes an (H+1) x (W+1) output (the phases are shifted by one pixel), so its
-# overhead is (H+1)(W+1)/(HW): 4x at 1x1, 1.13x at 16x16, negligible from 32x32 on, where its
-# single wide convolution beats four narrow ones (7x faster for the 1-channel output layer).
-_PHASES_MAX_PIXELS = 256
+# Formulation choices by static shape (measured on the 2-core CPU, `benchmarks/conv_grads.py`
+# and the reference train step). "dot" forms keep the kernel in its stored (4, 4, Cin, Cout)
+# layout: XLA on CPU copies a kernel whose Cin and Cout axes must be swapped at a few ns per
+# element, which for the 1-8 Mi-float inner kernels of unet_256 cost more than their
+# convolutions. At small spatial sizes the dots are as fast as the convolutions; at large ones
+# their 4x4 footprints (4x the output) cost memory traffic, so the convolution forms stay.
+#
+# Transposed convolution: "dot" up to this many input pixels per image (H * W), else "fused".
+# "fused" computes an (H+1) x (W+1) output (phases shifted by one pixel): its overhead is
+# (H+1)(W+1)/(HW), negligible from 32x32 on, where one wide convolution beats the dots.
+_DOT_MAX_PIXELS = 256
+# Input gradients as dots up to this many pixels on the small side (the output of a strided
+# convolution, the input of a transposed one), else as the adjoint convolution (the transposed
+# convolution's stride-2 convolution, the strided convolution's phase-decomposed transposed
+# one); the strided convolution's weight gradient as an im2col dot up to `_IM2COL_MAX_PIXELS`
+# output pixels, else XLA's own. The strided convolution's gradients are dots at any size for
+# at most `_DOT_MAX_CHANNELS` input channels (PatchGAN's first layer: 2x faster).
+_DOT_MAX_CHANNELS = 4
+_DX_DOT_MAX_PIXELS = 64
+_IM2COL_MAX_PIXELS = 16
+
+
+def _small(pixels: int, limit: int, channels: int) -> bool:
+    return pixels <= limit or channels <= _DOT_MAX_CHANNELS
 
 
 def normal_init(std: float = 0.02, mean: float = 0.0) -> Initializer:
@@ -96,14 +113,24 @@ def _conv_transpose_fused(x: Array, kernel: Array) -> Array:
     return out[:, 1 : 2 * h + 1, 1 : 2 * w + 1]
 
 
+def _conv_transpose_dot(x: Array, kernel: Array) -> Array:
+    """y_pad[2i + t] += x[i] . kernel[3 - t]: one 2-D dot per tap with the tap's (Cin, Cout)
+    block of the kernel (a contiguous slice: no copy), the footprints summed into place."""
+    n, h, w, _ = x.shape
+    x2 = _rows(x)
+    return _col2im_s2(_tap_grid(lambda ty, tx: (x2 @ kernel[3 - ty, 3 - tx]).reshape(n, h, w, -1)))
+
+
 def _conv_transpose_value(x: Array, kernel: Array, method: str) -> Array:
     if method == "auto":
-        method = "phases" if x.shape[1] * x.shape[2] <= _PHASES_MAX_PIXELS else "fused"
+        method = "dot" if x.shape[1] * x.shape[2] <= _DOT_MAX_PIXELS else "fused"
+    if method == "dot":
+        return _conv_transpose_dot(x, kernel)
     if method == "phases":
         return _conv_transpose_phases(x, kernel)
     if method == "fused":
         return _conv_transpose_fused(x, kernel)
-    raise ValueError(f"method must be 'auto', 'phases' or 'fused', got {method!r}")
+    raise ValueError(f"method must be 'auto', 'phases', 'fused' or 'dot', got {method!r}")
 
 
 def _patches(xp: Array, stride: int, ho: int, wo: int) -> Array:
@@ -116,6 +143,56 @@ def _patches(xp: Array, stride: int, ho: int, wo: int) -> Array:
         for tx in range(4)
     ]
     return jnp.concatenate(cols, axis=-1)
+
+
+def _col2im_s2(taps: list[list[Array]]) -> Array:
+    """The adjoint of stride-2 4x4 patches: taps[ty][tx] (N, h, w, C) -> (N, 2h, 2w, C) with
+    out_pad[2i + ty, 2j + tx] += taps[ty][tx][i, j] (out_pad = the output padded by 1 per side).
+
+    Computed per output phase (a, b): tap ty = 2u + a reaches padded row 2(i + u) + a, so phase
+    row m sums taps[2u + a][..][m - u] over u in {0, 1} (and likewise for columns): four shifted
+    adds per phase, then an interleave; no scatter.
+    """
+    n, h, w, c = taps[0][0].shape
+    pad = ((0, 0), (1, 1), (1, 1), (0, 0))
+    rows = []
+    for a in (0, 1):
+        phases = []
+        for b in (0, 1):
+            terms = [
+                jnp.pad(taps[2 * u + a][2 * v + b], pad)[:, 1 - u : h + 2 - u, 1 - v : w + 2 - v]
+                for u in (0, 1)
+                for v in (0, 1)
+            ]
+            phases.append(sum(terms[1:], terms[0]))  # (N, h+1, w+1, C)
+        rows.append(jnp.stack(phases, axis=3))  # (N, h+1, w+1, b, C)
+    full = jnp.stack(rows, axis=2).reshape(n, 2 * h + 2, 2 * w + 2, c)  # (N, h+1, a, w+1, b, C)
+    return full[:, 1 : 2 * h + 1, 1 : 2 * w + 1]
+
+
+def _rows(a: Array) -> Array:
+    """(..., C) -> (prod(...), C): the 2-D operand XLA's dot takes without a transposed copy."""
+    return a.reshape(-1, a.shape[-1])
+
+
+def _dot_nt(a: Array, b: Array) -> Array:
+    """a (M, K) . b (N, K)^T -> (M, N)."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())))
+
+
+def _dot_tn(a: Array, b: Array) -> Array:
+    """a (M, K)^T . b (M, N) -> (K, N)."""
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())))
+
+
+def _tap_grid(fn) -> list[list[Array]]:
+    return [[fn(ty, tx) for tx in range(4)] for ty in range(4)]
+
+
+def _stride2_taps(xp: Array, h: int, w: int) -> list[list[Array]]:
+    """taps[ty][tx] = xp[:, 2i + ty, 2j + tx] for i < h, j < w: the 4x4 stride-2 windows of a
+    padded input, one (N, h, w, C) slice per tap."""
+    return _tap_grid(lambda ty, tx: xp[:, ty : ty + 2 * h - 1 : 2, tx : tx + 2 * w - 1 : 2])
 
 
 def _check_4x4(x: Array, kernel: Array) -> None:
@@ -144,18 +221,35 @@ def _conv_transpose_fwd(x, kernel, method, input_grad, kernel_grad):
 
 def _conv_transpose_bwd(method, input_grad, kernel_grad, res, dy):
     x, kernel = res
-    if input_grad == "conv":
+    if input_grad == "auto":
+        input_grad = "dot" if x.shape[1] * x.shape[2] <= _DX_DOT_MAX_PIXELS else "conv"
+    _, h, w, _ = x.shape
+    if input_grad == "dot":
+        # dx[i] = sum_t pad1(dy)[2i + t] . kernel[3 - t]^T: per tap, a dot contracting Cout,
+        # the kernel block's minor axis (no transposed copy of the kernel).
+        taps = _stride2_taps(_pad1(dy), h, w)
+        terms = [
+            _dot_nt(_rows(taps[ty][tx]), kernel[3 - ty, 3 - tx])
+            for ty in range(4)
+            for tx in range(4)
+        ]
+        dx = sum(terms[1:], terms[0]).reshape(x.shape)
+    elif input_grad == "conv":
         # The adjoint of the transposed convolution is the strided convolution.
         dx = _conv_lax(dy, _swap_flip(kernel), 2)
     else:
         dx = jax.vjp(lambda x: _conv_transpose_value(x, kernel, method), x)[1](dy)[0]
     if kernel_grad == "im2col":
-        # kernel[3 - t] pairs x[i] with y[2i - 1 + t] = pad1(y)[2i + t] (per spatial axis): one
-        # dot of x against the stride-2 patches of the padded output gradient.
-        _, h, w, cin = x.shape
-        p = _patches(_pad1(dy), 2, h, w)  # (N, H, W, (ty, tx, Cout))
-        g = lax.dot_general(x, p, _NHW).reshape(cin, 4, 4, -1).transpose(1, 2, 0, 3)
-        dk = g[::-1, ::-1].astype(kernel.dtype)
+        # kernel[3 - t] pairs x[i] with y[2i - 1 + t] = pad1(y)[2i + t] (per spatial axis): per
+        # tap, x^T against the stride-2 slice of the padded output gradient, stacked in place.
+        taps = _stride2_taps(_pad1(dy), h, w)
+        x2 = _rows(x)
+        dk = jnp.stack(
+            [
+                jnp.stack([_dot_tn(x2, _rows(taps[3 - u][3 - v])) for v in range(4)])
+                for u in range(4)
+            ]
+        ).astype(kernel.dtype)
     else:
         dk = jax.vjp(lambda k: _conv_transpose_value(x, k, method), kernel)[1](dy)[0]
     return dx, dk
@@ -168,8 +262,8 @@ def conv_transpose_4x4_s2(
     x: Array,
     kernel: Array,
     *,
-    method: Literal["auto", "phases", "fused"] = "auto",
-    input_grad: Literal["lax", "conv"] = "lax",
+    method: Literal["auto", "dot", "phases", "fused"] = "auto",
+    input_grad: Literal["auto", "dot", "lax", "conv"] = "auto",
     kernel_grad: Literal["im2col", "lax"] = "im2col",
 ) -> Array:
     """PyTorch `ConvTranspose2d(4, stride=2, padding=1)` on NHWC: (N,H,W,Cin) -> (N,2H,2W,Cout).
@@ -190,20 +284,24 @@ def conv_transpose_4x4_s2(
     since PyTorch scatters y[o] += x[i] * w[o - 2i + 1] while the correlation above reads
     kernel[2i - o + 2] = kernel[3 - (o - 2i + 1)].
 
-    Value: both formulations are exact rearrangements of the same products: "phases" (four 2x2
-    convolutions) is faster for small spatial inputs, "fused" (one 2x2 convolution with 4*Cout
-    outputs) for large ones; "auto" picks by the (static) input size.
+    Value: the formulations are exact rearrangements of the same products: "dot" (one dot per
+    kernel tap with its (Cin, Cout) block, the 4x4 footprints summed into place) for small
+    spatial inputs, where the kernel is large and must not be copied; "fused" (one 2x2
+    convolution with 4*Cout outputs) for large ones; "phases" (four 2x2 convolutions) is kept
+    as a reference. "auto" picks "dot" up to `_DOT_MAX_PIXELS` input pixels, else "fused".
 
     Gradients (a custom VJP; the same values as autodiff, summed in another order):
-    `kernel_grad="im2col"` is one dot of x against the stride-2 patches of the output gradient,
-    where autodiff of the stride-1 forms gives a convolution over the whole image with a 2x2
-    output, which XLA on CPU runs at a fraction of its matmul speed. `input_grad="lax"` is the
-    autodiff of the chosen forward form (stride-1 convolutions), "conv" the equivalent 4x4
-    stride-2 convolution of the output gradient (`conv_4x4`).
+    `kernel_grad="im2col"` is, per tap, a dot of x against the stride-2 slice of the padded
+    output gradient, where autodiff of the stride-1 forms gives a convolution over the whole
+    image with a 2x2 output, which XLA on CPU runs at a fraction of its matmul speed.
+    `input_grad`: "dot" (per tap, the output gradient's stride-2 slice against the kernel block,
+    contracting Cout), "conv" (the equivalent 4x4 stride-2 convolution with the flipped,
+    swapped kernel), "lax" (autodiff of the forward form); "auto" is "dot" up to
+    `_DX_DOT_MAX_PIXELS` input pixels, else "conv".
     """
     _check_4x4(x, kernel)
-    if method not in ("auto", "phases", "fused"):
-        raise ValueError(f"method must be 'auto', 'phases' or 'fused', got {method!r}")
+    if method not in ("auto", "phases", "fused", "dot"):
+        raise ValueError(f"method must be 'auto', 'dot', 'phases' or 'fused', got {method!r}")
     return _conv_transpose(x, kernel, method, input_grad, kernel_grad)
 
 
@@ -227,10 +325,23 @@ def _conv_fwd(x, kernel, stride, input_grad, kernel_grad):
 
 def _conv_bwd(stride, input_grad, kernel_grad, res, dy):
     x, kernel = res
+    _, ho, wo, cout = dy.shape
+    cin = x.shape[-1]
     if input_grad == "auto":
         even = x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0
-        input_grad = "transposed" if stride == 2 and even else "lax"
-    if input_grad == "transposed":
+        if stride == 2 and even:
+            input_grad = "dot" if _small(ho * wo, _DX_DOT_MAX_PIXELS, cin) else "transposed"
+        else:
+            input_grad = "lax"
+    if kernel_grad == "auto":
+        kernel_grad = "im2col" if _small(ho * wo, _IM2COL_MAX_PIXELS, cin) else "lax"
+    if input_grad == "dot":
+        # dx_pad[2o + t] += dy[o] . kernel[t]^T: one dot contracting Cout (the kernel's minor
+        # axis: no transposed copy of the kernel), then the footprints summed into place.
+        n = dy.shape[0]
+        cols = _dot_nt(_rows(dy), kernel.reshape(16 * cin, cout)).reshape(n, ho, wo, 4, 4, cin)
+        dx = _col2im_s2(_tap_grid(lambda ty, tx: cols[:, :, :, ty, tx]))
+    elif input_grad == "transposed":
         # The adjoint of the 4x4 stride-2 pad-1 convolution of an even-sized input is the
         # transposed convolution with the flipped, swapped kernel: stride-1 convolutions, where
         # autodiff gives an input-dilated convolution that XLA on CPU runs slowly.
@@ -238,9 +349,8 @@ def _conv_bwd(stride, input_grad, kernel_grad, res, dy):
     else:
         dx = jax.vjp(lambda x: _conv_lax(x, kernel, stride), x)[1](dy)[0]
     if kernel_grad == "im2col":
-        _, ho, wo, cout = dy.shape
         p = _patches(_pad1(x), stride, ho, wo)  # (N, Ho, Wo, (ty, tx, Cin))
-        dk = lax.dot_general(p, dy, _NHW).reshape(4, 4, x.shape[-1], cout).astype(kernel.dtype)
+        dk = _dot_tn(_rows(p), _rows(dy)).reshape(4, 4, cin, cout).astype(kernel.dtype)
     else:
         dk = jax.vjp(lambda k: _conv_lax(x, k, stride), kernel)[1](dy)[0]
     return dx, dk
@@ -254,8 +364,8 @@ def conv_4x4(
     kernel: Array,
     stride: int = 2,
     *,
-    input_grad: Literal["auto", "transposed", "lax"] = "auto",
-    kernel_grad: Literal["lax", "im2col"] = "lax",
+    input_grad: Literal["auto", "dot", "transposed", "lax"] = "auto",
+    kernel_grad: Literal["auto", "lax", "im2col"] = "auto",
 ) -> Array:
     """PyTorch `Conv2d(Cin, Cout, 4, stride, padding=1)` on NHWC with a (4, 4, Cin, Cout) kernel:
 
@@ -263,12 +373,16 @@ def conv_4x4(
                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     in value and gradients. The value is that convolution; the gradients are a custom VJP (the
-    same values, summed in another order): `input_grad="auto"` takes, for stride 2 and an
-    even-sized input, the transposed convolution `conv_transpose_4x4_s2` of the output gradient
-    (stride-1 convolutions) instead of the input-dilated convolution of autodiff, which XLA on CPU
-    runs several times slower; "lax" is autodiff. `kernel_grad="lax"` is autodiff, "im2col" one
-    dot of the 4x4 patches of x with the output gradient: in the reference train step it was
-    slower than autodiff (the patches cost a copy 16 times the input), so it is not the default.
+    same values, summed in another order). Input gradient, for stride 2 and an even-sized
+    input: "dot" (one dot of the output gradient with the kernel as stored, contracting Cout,
+    the 4x4 footprints summed into place) or "transposed" (the phase-decomposed transposed
+    convolution of the output gradient with the flipped, swapped kernel), both in place of the
+    input-dilated convolution of autodiff ("lax"), which XLA on CPU runs several times slower;
+    "auto" is "dot" up to `_DX_DOT_MAX_PIXELS` output pixels or `_DOT_MAX_CHANNELS` input
+    channels, else "transposed" (and "lax" for stride 1 or odd sizes). Weight gradient: "im2col"
+    (one dot of the 4x4 patches of x with the output gradient) or "lax" (autodiff); "auto" is
+    "im2col" up to `_IM2COL_MAX_PIXELS` output pixels or `_DOT_MAX_CHANNELS` input channels:
+    above, the patches (4 times the input at stride 2) cost more than XLA's own.
     """
     _check_4x4(x, kernel)
     if stride not in (1, 2):
