@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from clidim_jax.compiler import compiler_options
 from clidim_jax.models.layers import conv_4x4, conv_transpose_4x4_s2
 
 _DN = ("NHWC", "HWIO", "NHWC")
@@ -44,7 +45,7 @@ def lax_conv_transpose(x, k):
 
 
 def best_ms(fn, *args, repeats: int) -> float:
-    compiled = jax.jit(fn).lower(*args).compile()
+    compiled = jax.jit(fn, compiler_options=compiler_options()).lower(*args).compile()
     jax.block_until_ready(compiled(*args))
     times = []
     for _ in range(repeats):
@@ -66,11 +67,14 @@ def time_layer(fn, x, k, dy, repeats: int) -> np.ndarray:
 
 
 def max_rel_diff(f, g, x, k, dy) -> float:
-    def vg(fn):
+    # x, k and dy are arguments, not closed-over constants: XLA would constant-fold the
+    # convolutions at compile time (tens of seconds for the large layers).
+    def vg(fn, x, k, dy):
         y, vjp = jax.vjp(fn, x, k)
         return (y, *vjp(dy))
 
-    a, b = jax.jit(lambda: vg(f))(), jax.jit(lambda: vg(g))()
+    a = jax.jit(lambda *args: vg(f, *args))(x, k, dy)
+    b = jax.jit(lambda *args: vg(g, *args))(x, k, dy)
     return max(float(jnp.max(jnp.abs(p - q)) / (jnp.max(jnp.abs(q)) + 1e-30)) for p, q in zip(a, b))
 
 
