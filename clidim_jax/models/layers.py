@@ -130,19 +130,26 @@ def _conv_transpose_value(x: Array, kernel: Array, method: str) -> Array:
         return _conv_transpose_phases(x, kernel)
     if method == "fused":
         return _conv_transpose_fused(x, kernel)
-    raise ValueError(f"method must be 'auto', 'phases', 'fused' or 'dot', got {method!r}")
+    raise ValueError(f"method must be 'auto', 'dot', 'phases' or 'fused', got {method!r}")
+
+
+def _tap_grid(fn) -> list[list[Array]]:
+    return [[fn(ty, tx) for tx in range(4)] for ty in range(4)]
+
+
+def _window_taps(xp: Array, stride: int, ho: int, wo: int) -> list[list[Array]]:
+    """taps[ty][tx] = xp[:, stride*i + ty, stride*j + tx] for i < ho, j < wo: the 4x4 windows
+    of a padded NHWC input, one (N, ho, wo, C) strided slice per tap."""
+    s = stride
+    return _tap_grid(
+        lambda ty, tx: xp[:, ty : ty + s * (ho - 1) + 1 : s, tx : tx + s * (wo - 1) + 1 : s]
+    )
 
 
 def _patches(xp: Array, stride: int, ho: int, wo: int) -> Array:
     """im2col of a padded NHWC input for a 4x4 window: (N, Ho, Wo, 16 * C), the last axis ordered
     (ty, tx, c) like a flattened (4, 4, C, ...) kernel."""
-    s = stride
-    cols = [
-        xp[:, ty : ty + s * (ho - 1) + 1 : s, tx : tx + s * (wo - 1) + 1 : s]
-        for ty in range(4)
-        for tx in range(4)
-    ]
-    return jnp.concatenate(cols, axis=-1)
+    return jnp.concatenate([t for row in _window_taps(xp, stride, ho, wo) for t in row], axis=-1)
 
 
 def _col2im_s2(taps: list[list[Array]]) -> Array:
@@ -185,16 +192,6 @@ def _dot_tn(a: Array, b: Array) -> Array:
     return lax.dot_general(a, b, (((0,), (0,)), ((), ())))
 
 
-def _tap_grid(fn) -> list[list[Array]]:
-    return [[fn(ty, tx) for tx in range(4)] for ty in range(4)]
-
-
-def _stride2_taps(xp: Array, h: int, w: int) -> list[list[Array]]:
-    """taps[ty][tx] = xp[:, 2i + ty, 2j + tx] for i < h, j < w: the 4x4 stride-2 windows of a
-    padded input, one (N, h, w, C) slice per tap."""
-    return _tap_grid(lambda ty, tx: xp[:, ty : ty + 2 * h - 1 : 2, tx : tx + 2 * w - 1 : 2])
-
-
 def _check_4x4(x: Array, kernel: Array) -> None:
     if x.ndim != 4 or kernel.shape[:2] != (4, 4) or kernel.shape[2] != x.shape[-1]:
         raise ValueError(
@@ -224,10 +221,10 @@ def _conv_transpose_bwd(method, input_grad, kernel_grad, res, dy):
     if input_grad == "auto":
         input_grad = "dot" if x.shape[1] * x.shape[2] <= _DX_DOT_MAX_PIXELS else "conv"
     _, h, w, _ = x.shape
+    taps = _window_taps(_pad1(dy), 2, h, w)  # the padded output gradient's stride-2 windows
     if input_grad == "dot":
         # dx[i] = sum_t pad1(dy)[2i + t] . kernel[3 - t]^T: per tap, a dot contracting Cout,
         # the kernel block's minor axis (no transposed copy of the kernel).
-        taps = _stride2_taps(_pad1(dy), h, w)
         terms = [
             _dot_nt(_rows(taps[ty][tx]), kernel[3 - ty, 3 - tx])
             for ty in range(4)
@@ -242,7 +239,6 @@ def _conv_transpose_bwd(method, input_grad, kernel_grad, res, dy):
     if kernel_grad == "im2col":
         # kernel[3 - t] pairs x[i] with y[2i - 1 + t] = pad1(y)[2i + t] (per spatial axis): per
         # tap, x^T against the stride-2 slice of the padded output gradient, stacked in place.
-        taps = _stride2_taps(_pad1(dy), h, w)
         x2 = _rows(x)
         dk = jnp.stack(
             [
@@ -300,7 +296,7 @@ def conv_transpose_4x4_s2(
     `_DX_DOT_MAX_PIXELS` input pixels, else "conv".
     """
     _check_4x4(x, kernel)
-    if method not in ("auto", "phases", "fused", "dot"):
+    if method not in ("auto", "dot", "phases", "fused"):
         raise ValueError(f"method must be 'auto', 'dot', 'phases' or 'fused', got {method!r}")
     return _conv_transpose(x, kernel, method, input_grad, kernel_grad)
 
