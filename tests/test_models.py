@@ -225,7 +225,15 @@ def torch_weight_to_kernel(w: np.ndarray) -> np.ndarray:
     return w.transpose(2, 3, 0, 1)[::-1, ::-1]
 
 
-CT_SHAPES = [((2, 5, 7, 3), 4), ((1, 6, 6, 5), 2), ((3, 1, 1, 2), 3), ((1, 17, 16, 2), 3)]
+# The last two are large enough for "auto" to pick the convolution forms ("fused" value, "conv"
+# input gradient; "im2col" weight gradient for 3 output channels, "fused" for 5).
+CT_SHAPES = [
+    ((2, 5, 7, 3), 4),
+    ((1, 6, 6, 5), 2),
+    ((3, 1, 1, 2), 3),
+    ((1, 17, 16, 2), 3),
+    ((1, 9, 8, 3), 5),
+]
 
 
 def value_and_grads(fn, x: jax.Array, kernel: jax.Array, cotangent: jax.Array):
@@ -234,14 +242,15 @@ def value_and_grads(fn, x: jax.Array, kernel: jax.Array, cotangent: jax.Array):
     return (y, *vjp(cotangent))
 
 
-@pytest.mark.parametrize(
-    "method, x_shape, cout",
-    [(m, *case) for m in ("dot", "phases", "fused") for case in CT_SHAPES]
-    + [("auto", *CT_SHAPES[3])],
-)
-@pytest.mark.parametrize(
-    "input_grad, kernel_grad", [("lax", "im2col"), ("conv", "lax"), ("dot", "im2col")]
-)
+# Each forward form with its autodiff gradients ("lax"), then each custom gradient on every shape.
+CT_PARAMS = [(m, *case, "lax", "lax") for m in ("dot", "phases", "fused") for case in CT_SHAPES] + [
+    ("auto", *case, *grads)
+    for case in CT_SHAPES
+    for grads in (("auto", "auto"), ("dot", "im2col"), ("conv", "fused"))
+]
+
+
+@pytest.mark.parametrize("method, x_shape, cout, input_grad, kernel_grad", CT_PARAMS)
 def test_conv_transpose_matches_lax_value_and_grads(
     method: str, x_shape: tuple[int, ...], cout: int, input_grad: str, kernel_grad: str
 ) -> None:
@@ -290,6 +299,10 @@ def test_conv_transpose_rejects_bad_shapes() -> None:
         conv_transpose_4x4_s2(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3, 2)))
     with pytest.raises(ValueError, match="method"):
         conv_transpose_4x4_s2(jnp.zeros((1, 4, 4, 3)), jnp.zeros((4, 4, 3, 2)), method="x")
+    with pytest.raises(ValueError, match="input_grad"):
+        conv_transpose_4x4_s2(jnp.zeros((1, 4, 4, 3)), jnp.zeros((4, 4, 3, 2)), input_grad="x")
+    with pytest.raises(ValueError, match="kernel_grad"):
+        conv_transpose_4x4_s2(jnp.zeros((1, 4, 4, 3)), jnp.zeros((4, 4, 3, 2)), kernel_grad="s2d")
 
 
 # ---------------------------------------------------------------- 4x4 convolution (down)
@@ -323,6 +336,7 @@ CONV_CASES = [
     ((2, 16, 16, 1), 3, 2),
     ((2, 6, 5, 3), 2, 1),
     ((1, 4, 4, 4), 1, 1),
+    ((1, 7, 6, 8), 1, 1),  # "auto" weight gradient: "shift"
 ]
 CONV_GRADS = [
     ("auto", "auto"),
@@ -330,16 +344,23 @@ CONV_GRADS = [
     ("lax", "im2col"),
     ("transposed", "lax"),
     ("dot", "im2col"),
+    ("lax", "s2d"),
+    ("lax", "shift"),
 ]
 
 
-# The transposed-convolution and dot input gradients exist for stride 2 and even sizes only.
+def _conv_grads_apply(case: tuple, grads: tuple[str, str]) -> bool:
+    """The phase forms ("transposed", "dot", "s2d") exist for stride 2 and even sizes only,
+    "shift" for stride 1."""
+    (_, h, w, _), _, stride = case
+    phases = stride == 2 and h % 2 == 0 and w % 2 == 0
+    if grads[0] in ("transposed", "dot") or grads[1] == "s2d":
+        return phases
+    return grads[1] != "shift" or stride == 1
+
+
 CONV_PARAMS = [
-    (*case, *grads)
-    for case in CONV_CASES
-    for grads in CONV_GRADS
-    if grads[0] not in ("transposed", "dot")
-    or (case[2] == 2 and case[0][1] % 2 == 0 and case[0][2] % 2 == 0)
+    (*case, *grads) for case in CONV_CASES for grads in CONV_GRADS if _conv_grads_apply(case, grads)
 ]
 
 
@@ -403,6 +424,17 @@ def test_conv_4x4_rejects_bad_arguments() -> None:
         conv_4x4(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3, 2)))
     with pytest.raises(ValueError, match="stride"):
         conv_4x4(jnp.zeros((1, 4, 4, 3)), jnp.zeros((4, 4, 3, 2)), 3)
+    x, k = jnp.zeros((1, 5, 4, 3)), jnp.zeros((4, 4, 3, 2))
+    with pytest.raises(ValueError, match="kernel_grad"):
+        conv_4x4(x, k, 2, kernel_grad="fused")
+    with pytest.raises(ValueError, match="input_grad"):
+        conv_4x4(x, k, 2, input_grad="conv")
+    with pytest.raises(ValueError, match="even-sized"):
+        conv_4x4(x, k, 2, kernel_grad="s2d")  # odd height
+    with pytest.raises(ValueError, match="even-sized"):
+        conv_4x4(jnp.zeros((1, 4, 4, 3)), k, 1, input_grad="dot")
+    with pytest.raises(ValueError, match="'shift' needs stride 1"):
+        conv_4x4(jnp.zeros((1, 4, 4, 3)), k, 2, kernel_grad="shift")
 
 
 # ---------------------------------------------------------------- dropout and BatchNorm

@@ -32,12 +32,20 @@ _DOT_MAX_PIXELS = 256
 # Input gradients as dots up to this many pixels on the small side (the output of a strided
 # convolution, the input of a transposed one), else as the adjoint convolution (the transposed
 # convolution's stride-2 convolution, the strided convolution's phase-decomposed transposed
-# one); the strided convolution's weight gradient as an im2col dot up to `_IM2COL_MAX_PIXELS`
-# output pixels, else XLA's own. The strided convolution's gradients are dots at any size for
-# at most `_DOT_MAX_CHANNELS` input channels (PatchGAN's first layer: 2x faster).
+# one). The strided convolution's gradients are dots at any size for at most
+# `_DOT_MAX_CHANNELS` input channels (PatchGAN's first layer: 2x faster).
 _DOT_MAX_CHANNELS = 4
 _DX_DOT_MAX_PIXELS = 64
+# Weight gradients. XLA's CPU convolutions compute a stride-1 weight gradient (a convolution
+# whose window is the whole image) near matmul speed, but a strided one (a window dilated by 2)
+# at about half of it. So: the strided convolution's as the stride-1 2x2 convolution of the
+# space-to-depth input ("s2d"), or one im2col dot up to `_IM2COL_MAX_PIXELS` output pixels
+# (or few input channels); the transposed convolution's as the weight gradient of its "fused"
+# stride-1 form, or per-tap dots ("im2col") up to `_T_IM2COL_MAX_PIXELS` input pixels (or few
+# output channels); a stride-1 convolution with few output channels (PatchGAN's last layer,
+# where the convolution form runs at a few GFLOP/s) as one dot over shifted rows ("shift").
 _IM2COL_MAX_PIXELS = 16
+_T_IM2COL_MAX_PIXELS = 64
 
 
 def _small(pixels: int, limit: int, channels: int) -> bool:
@@ -236,6 +244,9 @@ def _conv_transpose_bwd(method, input_grad, kernel_grad, res, dy):
         dx = _conv_lax(dy, _swap_flip(kernel), 2)
     else:
         dx = jax.vjp(lambda x: _conv_transpose_value(x, kernel, method), x)[1](dy)[0]
+    if kernel_grad == "auto":
+        small = _small(x.shape[1] * x.shape[2], _T_IM2COL_MAX_PIXELS, kernel.shape[-1])
+        kernel_grad = "im2col" if small else "fused"
     if kernel_grad == "im2col":
         # kernel[3 - t] pairs x[i] with y[2i - 1 + t] = pad1(y)[2i + t] (per spatial axis): per
         # tap, x^T against the stride-2 slice of the padded output gradient, stacked in place.
@@ -246,6 +257,8 @@ def _conv_transpose_bwd(method, input_grad, kernel_grad, res, dy):
                 for u in range(4)
             ]
         ).astype(kernel.dtype)
+    elif kernel_grad == "fused":
+        dk = jax.vjp(lambda k: _conv_transpose_fused(x, k), kernel)[1](dy)[0]
     else:
         dk = jax.vjp(lambda k: _conv_transpose_value(x, k, method), kernel)[1](dy)[0]
     return dx, dk
@@ -260,7 +273,7 @@ def conv_transpose_4x4_s2(
     *,
     method: Literal["auto", "dot", "phases", "fused"] = "auto",
     input_grad: Literal["auto", "dot", "lax", "conv"] = "auto",
-    kernel_grad: Literal["im2col", "lax"] = "im2col",
+    kernel_grad: Literal["auto", "im2col", "fused", "lax"] = "auto",
 ) -> Array:
     """PyTorch `ConvTranspose2d(4, stride=2, padding=1)` on NHWC: (N,H,W,Cin) -> (N,2H,2W,Cout).
 
@@ -287,9 +300,11 @@ def conv_transpose_4x4_s2(
     as a reference. "auto" picks "dot" up to `_DOT_MAX_PIXELS` input pixels, else "fused".
 
     Gradients (a custom VJP; the same values as autodiff, summed in another order):
-    `kernel_grad="im2col"` is, per tap, a dot of x against the stride-2 slice of the padded
-    output gradient, where autodiff of the stride-1 forms gives a convolution over the whole
-    image with a 2x2 output, which XLA on CPU runs at a fraction of its matmul speed.
+    `kernel_grad`: "im2col" (per tap, a dot of x against the stride-2 slice of the padded
+    output gradient), "fused" (the weight gradient of the "fused" form: one stride-1
+    convolution over the whole image with a 2x2 output, near matmul speed on XLA's CPU
+    convolutions), "lax" (autodiff of the forward form); "auto" is "im2col" up to
+    `_T_IM2COL_MAX_PIXELS` input pixels or `_DOT_MAX_CHANNELS` output channels, else "fused".
     `input_grad`: "dot" (per tap, the output gradient's stride-2 slice against the kernel block,
     contracting Cout), "conv" (the equivalent 4x4 stride-2 convolution with the flipped,
     swapped kernel), "lax" (autodiff of the forward form); "auto" is "dot" up to
@@ -298,6 +313,12 @@ def conv_transpose_4x4_s2(
     _check_4x4(x, kernel)
     if method not in ("auto", "dot", "phases", "fused"):
         raise ValueError(f"method must be 'auto', 'dot', 'phases' or 'fused', got {method!r}")
+    if input_grad not in ("auto", "dot", "lax", "conv"):
+        raise ValueError(f"input_grad must be 'auto', 'dot', 'lax' or 'conv', got {input_grad!r}")
+    if kernel_grad not in ("auto", "im2col", "fused", "lax"):
+        raise ValueError(
+            f"kernel_grad must be 'auto', 'im2col', 'fused' or 'lax', got {kernel_grad!r}"
+        )
     return _conv_transpose(x, kernel, method, input_grad, kernel_grad)
 
 
@@ -308,6 +329,44 @@ def _conv_lax(x: Array, kernel: Array, stride: int) -> Array:
     return lax.conv_general_dilated(
         x, kernel, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=_DN
     )
+
+
+def _space_to_depth(xp: Array) -> Array:
+    """(N, 2H, 2W, C) -> (N, H, W, 4C), channels ordered (row phase, column phase, C)."""
+    n, h2, w2, c = xp.shape
+    xs = xp.reshape(n, h2 // 2, 2, w2 // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+    return xs.reshape(n, h2 // 2, w2 // 2, 4 * c)
+
+
+def _conv_s2d(x: Array, kernel: Array) -> Array:
+    """The 4x4 stride-2 pad-1 convolution of an even-sized input as a 2x2 stride-1 convolution
+    of its space-to-depth rearrangement: kernel tap (2u + a, 2v + b) reads padded pixel
+    (2(i + u) + a, 2(j + v) + b), i.e. phase (a, b) of space-to-depth pixel (i + u, j + v)."""
+    cin, cout = kernel.shape[2:]
+    k2 = kernel.reshape(2, 2, 2, 2, cin, cout).transpose(0, 2, 1, 3, 4, 5)
+    return _conv_valid(_space_to_depth(_pad1(x)), k2.reshape(2, 2, 4 * cin, cout))
+
+
+def _kernel_grad_shift_s1(x: Array, dy: Array) -> Array:
+    """Weight gradient of the 4x4 stride-1 pad-1 convolution as one dot over flattened pixels.
+
+    With xp = pad1(x) flattened to rows p = (n, r, c) of width W' = W + 2, and dy zero-padded
+    to the same (H + 2, W + 2) grid, tap (ty, tx) pairs row p of xp with row p - (ty W' + tx)
+    of dy (rows that fall in the zero padding contribute nothing; no window crosses a row or
+    an image). So dk = xp^T . [dy shifted by each tap's offset], one (Cin, 16 Cout) dot: for a
+    few output channels (PatchGAN's last layer) where XLA's weight-gradient convolution, with a
+    (Ho, Wo) window and a 4x4x1 output, runs at a few GFLOP/s.
+    """
+    n, h, w, cin = x.shape
+    _, ho, wo, cout = dy.shape
+    m = n * (h + 2) * (w + 2)
+    xp = _pad1(x).reshape(m, cin)
+    dyz = jnp.pad(dy, ((0, 0), (0, h + 2 - ho), (0, w + 2 - wo), (0, 0))).reshape(m, cout)
+    shifted = [
+        jnp.pad(dyz, ((ty * (w + 2) + tx, 0), (0, 0)))[:m] for ty in range(4) for tx in range(4)
+    ]
+    dk = _dot_tn(xp, jnp.concatenate(shifted, axis=1)).reshape(cin, 16, cout)
+    return dk.transpose(1, 0, 2).reshape(4, 4, cin, cout)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -330,7 +389,14 @@ def _conv_bwd(stride, input_grad, kernel_grad, res, dy):
         else:
             input_grad = "lax"
     if kernel_grad == "auto":
-        kernel_grad = "im2col" if _small(ho * wo, _IM2COL_MAX_PIXELS, cin) else "lax"
+        if _small(ho * wo, _IM2COL_MAX_PIXELS, cin):
+            kernel_grad = "im2col"
+        elif stride == 2 and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0:
+            kernel_grad = "s2d"
+        elif stride == 1 and cout <= _DOT_MAX_CHANNELS:
+            kernel_grad = "shift"
+        else:
+            kernel_grad = "lax"
     if input_grad == "dot":
         # dx_pad[2o + t] += dy[o] . kernel[t]^T: one dot contracting Cout (the kernel's minor
         # axis: no transposed copy of the kernel), then the footprints summed into place.
@@ -344,7 +410,11 @@ def _conv_bwd(stride, input_grad, kernel_grad, res, dy):
         dx = _conv_transpose_value(dy, _swap_flip(kernel), "auto")
     else:
         dx = jax.vjp(lambda x: _conv_lax(x, kernel, stride), x)[1](dy)[0]
-    if kernel_grad == "im2col":
+    if kernel_grad == "shift":
+        dk = _kernel_grad_shift_s1(x, dy)
+    elif kernel_grad == "s2d":
+        dk = jax.vjp(lambda k: _conv_s2d(x, k), kernel)[1](dy)[0]
+    elif kernel_grad == "im2col":
         p = _patches(_pad1(x), stride, ho, wo)  # (N, Ho, Wo, (ty, tx, Cin))
         dk = _dot_tn(_rows(p), _rows(dy)).reshape(4, 4, cin, cout).astype(kernel.dtype)
     else:
@@ -361,7 +431,7 @@ def conv_4x4(
     stride: int = 2,
     *,
     input_grad: Literal["auto", "dot", "transposed", "lax"] = "auto",
-    kernel_grad: Literal["auto", "lax", "im2col"] = "auto",
+    kernel_grad: Literal["auto", "lax", "im2col", "s2d", "shift"] = "auto",
 ) -> Array:
     """PyTorch `Conv2d(Cin, Cout, 4, stride, padding=1)` on NHWC with a (4, 4, Cin, Cout) kernel:
 
@@ -376,13 +446,34 @@ def conv_4x4(
     input-dilated convolution of autodiff ("lax"), which XLA on CPU runs several times slower;
     "auto" is "dot" up to `_DX_DOT_MAX_PIXELS` output pixels or `_DOT_MAX_CHANNELS` input
     channels, else "transposed" (and "lax" for stride 1 or odd sizes). Weight gradient: "im2col"
-    (one dot of the 4x4 patches of x with the output gradient) or "lax" (autodiff); "auto" is
-    "im2col" up to `_IM2COL_MAX_PIXELS` output pixels or `_DOT_MAX_CHANNELS` input channels:
-    above, the patches (4 times the input at stride 2) cost more than XLA's own.
+    (one dot of the 4x4 patches of x with the output gradient), "s2d" (stride 2, even sizes:
+    the weight gradient of the equal stride-1 2x2 convolution of the space-to-depth input,
+    which XLA's CPU convolutions run about 1.5x faster than the strided one), "shift" (stride
+    1: one dot of the padded input's rows with the output gradient shifted per tap) or "lax"
+    (autodiff); "auto" is "im2col" up to `_IM2COL_MAX_PIXELS` output pixels or
+    `_DOT_MAX_CHANNELS` input channels (above, the patches, 4 times the input at stride 2, cost
+    more), else "s2d" for stride 2 and even sizes, "shift" for stride 1 and at most
+    `_DOT_MAX_CHANNELS` output channels, "lax" otherwise.
     """
     _check_4x4(x, kernel)
     if stride not in (1, 2):
         raise ValueError(f"stride must be 1 or 2, got {stride}")
+    phases = stride == 2 and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0
+    if input_grad not in ("auto", "dot", "transposed", "lax"):
+        raise ValueError(
+            f"input_grad must be 'auto', 'dot', 'transposed' or 'lax', got {input_grad!r}"
+        )
+    if kernel_grad not in ("auto", "lax", "im2col", "s2d", "shift"):
+        raise ValueError(
+            f"kernel_grad must be 'auto', 'lax', 'im2col', 's2d' or 'shift', got {kernel_grad!r}"
+        )
+    if not phases and (input_grad in ("dot", "transposed") or kernel_grad == "s2d"):
+        raise ValueError(
+            f"input_grad {input_grad!r} / kernel_grad {kernel_grad!r}: 'dot', 'transposed' and "
+            f"'s2d' need stride 2 and an even-sized input, got stride {stride} and {x.shape}"
+        )
+    if kernel_grad == "shift" and stride != 1:
+        raise ValueError(f"kernel_grad 'shift' needs stride 1, got stride {stride}")
     return _conv(x, kernel, stride, input_grad, kernel_grad)
 
 
