@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -34,27 +36,65 @@ def gaussian_kernel_1d(window: int, sigma: float) -> jax.Array:
     return g / g.sum()
 
 
+def _pad_axis(x: jax.Array, axis: int, lo: int, hi: int, mode: str = "constant") -> jax.Array:
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (lo, hi)
+    return jnp.pad(x, widths, mode=mode)
+
+
+def _taps_sum(xp: jax.Array, taps: jax.Array, axis: int, n: int) -> jax.Array:
+    """sum_i taps[i] * xp[i : i + n] along `axis`: shifted slices XLA fuses into one loop."""
+    terms = [taps[i] * jax.lax.slice_in_dim(xp, i, i + n, axis=axis) for i in range(taps.shape[0])]
+    return sum(terms[1:], terms[0])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _filter_1d(x: jax.Array, taps: jax.Array, axis: int) -> jax.Array:
+    """Correlation of `x` with `taps` along `axis` after 'reflect' padding: same size out."""
+    k = taps.shape[0]
+    xp = _pad_axis(x, axis, (k - 1) // 2, k // 2, "reflect")
+    return _taps_sum(xp, taps, axis, x.shape[axis])
+
+
+def _filter_1d_fwd(x, taps, axis):
+    return _filter_1d(x, taps, axis), (x, taps)
+
+
+def _filter_1d_bwd(axis, res, dy):
+    # The adjoint, written out: autodiff of the shifted slices gives one zero-padded
+    # full-size array per tap, which XLA on CPU materialises (about 15x slower).
+    x, taps = res
+    k, n = taps.shape[0], x.shape[axis]
+    lo, hi = (k - 1) // 2, k // 2
+    # Adjoint of the correlation: dxp[p] = sum_i taps[i] dy[p - i].
+    dxp = _taps_sum(_pad_axis(dy, axis, k - 1, k - 1), taps[::-1], axis, n + k - 1)
+    # Adjoint of the reflect padding: xp[lo - 1 - i] = x[i + 1] (left) and
+    # xp[lo + n + j] = x[n - 2 - j] (right) fold back onto x.
+    left = jnp.flip(jax.lax.slice_in_dim(dxp, 0, lo, axis=axis), axis)
+    right = jnp.flip(jax.lax.slice_in_dim(dxp, lo + n, lo + n + hi, axis=axis), axis)
+    dx = jax.lax.slice_in_dim(dxp, lo, lo + n, axis=axis)
+    dx = dx + _pad_axis(left, axis, 1, n - 1 - lo) + _pad_axis(right, axis, n - 1 - hi, 1)
+    xp = _pad_axis(x, axis, lo, hi, "reflect")
+    dtaps = jnp.stack(
+        [(dy * jax.lax.slice_in_dim(xp, i, i + n, axis=axis)).sum() for i in range(k)]
+    )
+    return dx, dtaps.astype(taps.dtype)
+
+
+_filter_1d.defvjp(_filter_1d_fwd, _filter_1d_bwd)
+
+
 def separable_depthwise_filter(x: jax.Array, taps: jax.Array) -> jax.Array:
     """Filters every channel of NHWC `x` with the outer product of `taps` with itself.
 
     Borders are 'reflect' (no edge repeat: numpy/torch/kornia 'reflect', d c b | a b c d | c b a),
-    so the output has the input's size. Two 1-D depthwise convolutions cost 2k instead of k^2
-    multiplies per pixel, which matters on CPU.
+    so the output has the input's size. Two 1-D passes cost 2k instead of k^2 multiplies per
+    pixel; each is a sum of k shifted slices, which XLA fuses into one element-wise loop, with
+    its adjoint written out for the gradient. (XLA's CPU grouped convolution ran this 5-tap
+    filter of a batch of 4 256x256 5-channel images in 80-90 ms, about 40 times slower.)
     """
-    k = taps.shape[0]
-    lo, hi = (k - 1) // 2, k // 2
-    c = x.shape[-1]
-    xp = jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0)), mode="reflect")
     taps = taps.astype(x.dtype)
-    dn = ("NHWC", "HWIO", "NHWC")
-    kv = jnp.tile(taps.reshape(k, 1, 1, 1), (1, 1, 1, c))
-    kh = jnp.tile(taps.reshape(1, k, 1, 1), (1, 1, 1, c))
-    y = jax.lax.conv_general_dilated(
-        xp, kv, (1, 1), "VALID", dimension_numbers=dn, feature_group_count=c
-    )
-    return jax.lax.conv_general_dilated(
-        y, kh, (1, 1), "VALID", dimension_numbers=dn, feature_group_count=c
-    )
+    return _filter_1d(_filter_1d(x, taps, 1), taps, 2)
 
 
 def ssim_map(
