@@ -99,9 +99,7 @@ def _jnp_filter2d_reference(x: jax.Array, taps: jax.Array) -> jax.Array:
     lo, hi = (k - 1) // 2, k // 2
     xp = jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0)), mode="reflect")
     h, w = x.shape[1:3]
-    return sum(
-        taps[a] * taps[b] * xp[:, a : a + h, b : b + w] for a in range(k) for b in range(k)
-    )
+    return sum(taps[a] * taps[b] * xp[:, a : a + h, b : b + w] for a in range(k) for b in range(k))
 
 
 @pytest.mark.parametrize("window, shape", [(5, (2, 9, 7, 3)), (3, (1, 6, 8, 2)), (4, (1, 7, 5, 1))])
