@@ -32,18 +32,19 @@ _DOT_MAX_PIXELS = 256
 # Input gradients as dots up to this many pixels on the small side (the output of a strided
 # convolution, the input of a transposed one), else as the adjoint convolution (the transposed
 # convolution's stride-2 convolution, the strided convolution's phase-decomposed transposed
-# one). The strided convolution's gradients are dots at any size for at most
+# one). The strided convolution's input gradient is a dot at any size for at most
 # `_DOT_MAX_CHANNELS` input channels (PatchGAN's first layer: 2x faster).
 _DOT_MAX_CHANNELS = 4
 _DX_DOT_MAX_PIXELS = 64
 # Weight gradients. XLA's CPU convolutions compute a stride-1 weight gradient (a convolution
 # whose window is the whole image) near matmul speed, but a strided one (a window dilated by 2)
-# at about half of it. So: the strided convolution's as the stride-1 2x2 convolution of the
-# space-to-depth input ("s2d"), or one im2col dot up to `_IM2COL_MAX_PIXELS` output pixels
-# (or few input channels); the transposed convolution's as the weight gradient of its "fused"
-# stride-1 form, or per-tap dots ("im2col") up to `_T_IM2COL_MAX_PIXELS` input pixels (or few
-# output channels); a stride-1 convolution with few output channels (PatchGAN's last layer,
-# where the convolution form runs at a few GFLOP/s) as one dot over shifted rows ("shift").
+# at about half of it. So: the strided convolution's as the weight gradient of the stride-1
+# 2x2 convolution of the space-to-depth input ("s2d"; also for PatchGAN's 2-channel first
+# layer, 2x faster than im2col there), or one im2col dot up to `_IM2COL_MAX_PIXELS` output
+# pixels; the transposed convolution's as the weight gradient of its "fused" stride-1 form,
+# or per-tap dots ("im2col") up to `_T_IM2COL_MAX_PIXELS` input pixels (or few output
+# channels); a stride-1 convolution with few output channels (PatchGAN's last layer, where the
+# convolution form runs at a few GFLOP/s) as one dot over shifted rows ("shift").
 _IM2COL_MAX_PIXELS = 16
 _T_IM2COL_MAX_PIXELS = 64
 
@@ -389,7 +390,7 @@ def _conv_bwd(stride, input_grad, kernel_grad, res, dy):
         else:
             input_grad = "lax"
     if kernel_grad == "auto":
-        if _small(ho * wo, _IM2COL_MAX_PIXELS, cin):
+        if ho * wo <= _IM2COL_MAX_PIXELS:
             kernel_grad = "im2col"
         elif stride == 2 and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0:
             kernel_grad = "s2d"
@@ -450,10 +451,9 @@ def conv_4x4(
     the weight gradient of the equal stride-1 2x2 convolution of the space-to-depth input,
     which XLA's CPU convolutions run about 1.5x faster than the strided one), "shift" (stride
     1: one dot of the padded input's rows with the output gradient shifted per tap) or "lax"
-    (autodiff); "auto" is "im2col" up to `_IM2COL_MAX_PIXELS` output pixels or
-    `_DOT_MAX_CHANNELS` input channels (above, the patches, 4 times the input at stride 2, cost
-    more), else "s2d" for stride 2 and even sizes, "shift" for stride 1 and at most
-    `_DOT_MAX_CHANNELS` output channels, "lax" otherwise.
+    (autodiff); "auto" is "im2col" up to `_IM2COL_MAX_PIXELS` output pixels (above, the
+    patches, 4 times the input at stride 2, cost more), else "s2d" for stride 2 and even
+    sizes, "shift" for stride 1 and at most `_DOT_MAX_CHANNELS` output channels, "lax" otherwise.
     """
     _check_4x4(x, kernel)
     if stride not in (1, 2):
