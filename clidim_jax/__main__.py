@@ -2,6 +2,6 @@
 
 import sys
 
-from clidim_jax.cli import main
+from clidim_jax.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

@@ -23,6 +23,7 @@ import numpy as np
 
 from clidim_jax import config_lib
 from clidim_jax.compiler import compiler_options
+from clidim_jax.malloc_env import hugepages_enabled
 from clidim_jax.data.normalization import Normalization
 from clidim_jax.models import count_params
 from clidim_jax.sharding import (
@@ -196,6 +197,7 @@ def run_benchmark(
         devices=[str(d) for d in jax.devices()],
         backend=jax.default_backend(),
         jax_version=jax.__version__,
+        malloc_hugepages=hugepages_enabled(),
     )
     if json_path:
         with open(json_path, "w", encoding="utf-8") as f:

@@ -255,6 +255,15 @@ def run_denoise(fv: flags.FlagValues, input_path: str, output_path: str) -> None
     print(f"wrote {output_path}: shape {tuple(summary['shape'])}, {summary['dtype']}")
 
 
+def entry() -> int:
+    """The `clidim-jax` program: `main` after re-executing with huge pages for malloc where
+    that helps (see `clidim_jax.malloc_env`; `CLIDIM_JAX_DEFAULT_MALLOC=1` turns it off)."""
+    from clidim_jax.malloc_env import reexec_with_hugepages
+
+    reexec_with_hugepages()
+    return main()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
