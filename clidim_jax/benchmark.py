@@ -23,8 +23,8 @@ import numpy as np
 
 from clidim_jax import config_lib
 from clidim_jax.compiler import compiler_options
-from clidim_jax.malloc_env import hugepages_enabled
 from clidim_jax.data.normalization import Normalization
+from clidim_jax.malloc_env import hugepages_enabled
 from clidim_jax.models import count_params
 from clidim_jax.sharding import (
     check_batch_divisible,
