@@ -449,7 +449,7 @@ def conv_4x4(
     channels, else "transposed" (and "lax" for stride 1 or odd sizes). Weight gradient: "im2col"
     (one dot of the 4x4 patches of x with the output gradient), "s2d" (stride 2, even sizes:
     the weight gradient of the equal stride-1 2x2 convolution of the space-to-depth input,
-    which XLA's CPU convolutions run about 1.5x faster than the strided one), "shift" (stride
+    which XLA's CPU convolutions run 1.3-1.5x faster than the strided one), "shift" (stride
     1: one dot of the padded input's rows with the output gradient shifted per tap) or "lax"
     (autodiff); "auto" is "im2col" up to `_IM2COL_MAX_PIXELS` output pixels (above, the
     patches, 4 times the input at stride 2, cost more), else "s2d" for stride 2 and even
