@@ -379,20 +379,25 @@ def _conv_fwd(x, kernel, stride, input_grad, kernel_grad):
     return _conv_lax(x, kernel, stride), (x, kernel)
 
 
+def _phase_decomposable(x: Array, stride: int) -> bool:
+    """Stride 2 and an even-sized input: the forms built on the 2x2 phases apply."""
+    return stride == 2 and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0
+
+
 def _conv_bwd(stride, input_grad, kernel_grad, res, dy):
     x, kernel = res
     _, ho, wo, cout = dy.shape
     cin = x.shape[-1]
+    phases = _phase_decomposable(x, stride)
     if input_grad == "auto":
-        even = x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0
-        if stride == 2 and even:
+        if phases:
             input_grad = "dot" if _small(ho * wo, _DX_DOT_MAX_PIXELS, cin) else "transposed"
         else:
             input_grad = "lax"
     if kernel_grad == "auto":
         if ho * wo <= _IM2COL_MAX_PIXELS:
             kernel_grad = "im2col"
-        elif stride == 2 and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0:
+        elif phases:
             kernel_grad = "s2d"
         elif stride == 1 and cout <= _DOT_MAX_CHANNELS:
             kernel_grad = "shift"
@@ -458,7 +463,7 @@ def conv_4x4(
     _check_4x4(x, kernel)
     if stride not in (1, 2):
         raise ValueError(f"stride must be 1 or 2, got {stride}")
-    phases = stride == 2 and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0
+    phases = _phase_decomposable(x, stride)
     if input_grad not in ("auto", "dot", "transposed", "lax"):
         raise ValueError(
             f"input_grad must be 'auto', 'dot', 'transposed' or 'lax', got {input_grad!r}"
