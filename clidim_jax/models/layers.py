@@ -229,8 +229,13 @@ def _conv_transpose_bwd(method, input_grad, kernel_grad, res, dy):
     x, kernel = res
     if input_grad == "auto":
         input_grad = "dot" if x.shape[1] * x.shape[2] <= _DX_DOT_MAX_PIXELS else "conv"
+    if kernel_grad == "auto":
+        small = _small(x.shape[1] * x.shape[2], _T_IM2COL_MAX_PIXELS, kernel.shape[-1])
+        kernel_grad = "im2col" if small else "fused"
     _, h, w, _ = x.shape
-    taps = _window_taps(_pad1(dy), 2, h, w)  # the padded output gradient's stride-2 windows
+    if input_grad == "dot" or kernel_grad == "im2col":
+        # The padded output gradient's stride-2 windows, shared by both dot forms.
+        taps = _window_taps(_pad1(dy), 2, h, w)
     if input_grad == "dot":
         # dx[i] = sum_t pad1(dy)[2i + t] . kernel[3 - t]^T: per tap, a dot contracting Cout,
         # the kernel block's minor axis (no transposed copy of the kernel).
@@ -245,9 +250,6 @@ def _conv_transpose_bwd(method, input_grad, kernel_grad, res, dy):
         dx = _conv_lax(dy, _swap_flip(kernel), 2)
     else:
         dx = jax.vjp(lambda x: _conv_transpose_value(x, kernel, method), x)[1](dy)[0]
-    if kernel_grad == "auto":
-        small = _small(x.shape[1] * x.shape[2], _T_IM2COL_MAX_PIXELS, kernel.shape[-1])
-        kernel_grad = "im2col" if small else "fused"
     if kernel_grad == "im2col":
         # kernel[3 - t] pairs x[i] with y[2i - 1 + t] = pad1(y)[2i + t] (per spatial axis): per
         # tap, x^T against the stride-2 slice of the padded output gradient, stacked in place.
