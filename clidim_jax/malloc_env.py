@@ -76,7 +76,7 @@ def hugepages_enabled(environ: Mapping[str, str] = os.environ) -> bool:
 def reexec_with_hugepages() -> None:
     """Re-executes the running command with the tunable set; returns only if it does not."""
     env = hugepage_environment(os.environ)
-    if env is None or not getattr(sys, "orig_argv", None):
+    if env is None:
         return
     try:
         sys.stdout.flush()
