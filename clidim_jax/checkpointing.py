@@ -211,6 +211,18 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def validation_scores(self) -> dict[int, float]:
+        """step -> validation PSNR of the checkpoints saved with one (unreadable ones left out)."""
+        out = {}
+        for step in self.all_steps():
+            try:
+                m = self.manager.metrics(step)
+            except Exception:
+                continue
+            if isinstance(m, dict) and BEST_METRIC in m:
+                out[step] = float(m[BEST_METRIC])
+        return out
+
     def read_meta(self, step: int) -> dict:
         out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         meta = out["meta"]

@@ -146,6 +146,13 @@ def _define_command_flags(command: str, fv: flags.FlagValues) -> None:
         flags.DEFINE_integer(
             "tile", None, "Tile size for large images (default: the run's).", 1, flag_values=fv
         )
+        flags.DEFINE_boolean(
+            "tta",
+            None,
+            "Test-time augmentation: average the predictions of the 8 flips and quarter turns "
+            "(8x the compute; default: the run's eval.tta). --notta turns it off.",
+            flag_values=fv,
+        )
     if command == "denoise":
         flags.DEFINE_string("model", None, "Model file written by `export`.", flag_values=fv)
         flags.DEFINE_integer("overlap", None, "Least tile overlap in pixels.", 1, flag_values=fv)
@@ -234,7 +241,7 @@ def run_denoise(fv: flags.FlagValues, input_path: str, output_path: str) -> None
         )
     from clidim_jax.inference import TilingError
 
-    opts = dict(tile=fv.tile, overlap=fv.overlap, batch_size=fv.batch_size)
+    opts = dict(tile=fv.tile, overlap=fv.overlap, batch_size=fv.batch_size, tta=fv.tta)
     try:
         if fv.model:
             from clidim_jax.export import denoiser_from_model
@@ -293,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
             from clidim_jax.train import evaluate_workdir
 
             try:
-                evaluate_workdir(fv.workdir, split=fv.split, metrics_mode=fv.metrics, tile=fv.tile)
+                evaluate_workdir(
+                    fv.workdir, split=fv.split, metrics_mode=fv.metrics, tile=fv.tile, tta=fv.tta
+                )
             except TilingError as e:
                 raise UsageError(str(e)) from None
         elif command == "denoise":

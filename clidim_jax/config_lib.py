@@ -7,12 +7,15 @@ import ml_collections
 # The five ablations of the paper's Table I, as loss weights on top of a preset.
 # "baseline" is plain pix2pix (GAN + L1); the others add TV, SSIM, the contrastive
 # D regulariser, or all three.
+# "pixel" (not in the paper) drops the GAN too: the generator trained on its pixel losses
+# alone (the preset's L1 and L2 weights).
 VARIANTS: dict[str, dict[str, float]] = {
-    "baseline": dict(ssim=0.0, tv=0.0, contrastive=0.0),
-    "tv": dict(ssim=0.0, tv=1e-4, contrastive=0.0),
-    "ssim": dict(ssim=10.0, tv=0.0, contrastive=0.0),
-    "cl": dict(ssim=0.0, tv=0.0, contrastive=1.0),
-    "cl_tv_ssim": dict(ssim=10.0, tv=1e-4, contrastive=1.0),
+    "baseline": dict(gan=1.0, ssim=0.0, tv=0.0, contrastive=0.0),
+    "tv": dict(gan=1.0, ssim=0.0, tv=1e-4, contrastive=0.0),
+    "ssim": dict(gan=1.0, ssim=10.0, tv=0.0, contrastive=0.0),
+    "cl": dict(gan=1.0, ssim=0.0, tv=0.0, contrastive=1.0),
+    "cl_tv_ssim": dict(gan=1.0, ssim=10.0, tv=1e-4, contrastive=1.0),
+    "pixel": dict(gan=0.0, ssim=0.0, tv=0.0, contrastive=0.0),
 }
 
 
@@ -48,6 +51,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.norm = "batch"  # batch | instance | none
     c.model.dropout = True
     c.model.compute_dtype = "float32"  # float32 | bfloat16 (convolutions only)
+    c.model.output = "tanh"  # the generator's output layer: tanh (pix2pix) | linear (unbounded)
+    # G(x) = base(x) + U-Net(x): none (pix2pix) | input (base = x) | smooth (base = x low-passed
+    # by a Gaussian of residual_sigma pixels): the network predicts a correction of the base.
+    c.model.residual = "none"
+    c.model.residual_sigma = 1.0
 
     c.data = ml_collections.ConfigDict()
     # demo | stack | paired | convallaria | actin | skull (clidim_jax/data/datasets.py)
@@ -57,6 +65,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.clean_path = ""  # ... and the clean TIFF(s), matched by file name in folders
     c.data.test_noisy_path = ""  # paired: an explicit test set (else a spatial split)
     c.data.test_clean_path = ""
+    c.data.val_noisy_path = ""  # validation pair(s) choosing the checkpoint (any source); they
+    c.data.val_clean_path = ""  # take precedence over data.val_fraction below
     c.data.root = ""  # benchmarks: where `clidim-jax download` put them ("": $CLIDIM_JAX_DATA
     # or ~/.cache/clidim_jax/datasets)
     c.data.axes = ""  # override the TIFF's axes metadata, e.g. TYX, ZYX, YX ("": the file's)
@@ -72,8 +82,19 @@ def base_config() -> ml_collections.ConfigDict:
     # (the reference's rule), else a seeded random subset; repeated to the full set's length.
     c.data.n_samples = 0
     c.data.patch_size = 256
-    c.data.normalization = "percentile"  # percentile (leak-free, stored) | reference
+    # Intensity mapping to the model's space, from the training images only, stored with the
+    # run: percentile (the noisy images' `percentiles` -> -1, +1) | range (the low percentile
+    # of the noisy images and the brightest clean pixel, plus `headroom`) | reference (the
+    # reference code's per-batch min-max of noisy and clean).
+    c.data.normalization = "percentile"
     c.data.percentiles = (0.1, 99.9)  # of the noisy training images
+    c.data.headroom = 0.5  # range: room above the brightest clean pixel, as a fraction
+    # Variance-stabilising transform before the mapping: none | gat (generalized Anscombe, with
+    # a Poisson-Gaussian noise model fitted on the training pairs).
+    c.data.vst = "none"
+    # Intensity augmentation: every training crop pair times a gain drawn log-uniformly from
+    # this range (1, 1: off).
+    c.data.gain_augment = (1.0, 1.0)
     c.data.augment = True  # random hflip + rot90 of training crops
     # Validation region for choosing the best checkpoint: this fraction of the columns, taken
     # from the right edge of the training region (never the test split). 0: no validation.
@@ -98,6 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict()
     c.loss.gan = 1.0
     c.loss.l1 = 100.0
+    c.loss.l2 = 0.0  # mean squared error (not in the paper; 0: off)
     c.loss.ssim = 10.0
     c.loss.tv = 1e-4
     c.loss.contrastive = 1.0
@@ -114,6 +136,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.baseline_sigmas = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
     c.eval.tile = 512  # images larger than this (padded) are predicted as overlapping tiles
     c.eval.tile_overlap = 0  # least overlap of neighbouring tiles; 0: tile // 4
+    c.eval.tta = False  # average the predictions of the 8 flips / quarter turns (8x compute)
     return c
 
 
@@ -161,9 +184,12 @@ class ConfigError(ValueError):
 _CHOICES = {
     "model.norm": ("batch", "instance", "none"),
     "model.compute_dtype": ("float32", "bfloat16"),
+    "model.output": ("tanh", "linear"),
+    "model.residual": ("none", "input", "smooth"),
     "data.source": ("demo", "stack", "paired", "convallaria", "actin", "skull"),
     "data.ground_truth": ("mean", "mean_uint16"),
-    "data.normalization": ("percentile", "reference"),
+    "data.normalization": ("percentile", "range", "reference"),
+    "data.vst": ("none", "gat"),
     "loss.contrastive_loss": ("infonce", "ntxent"),
 }
 
@@ -204,9 +230,18 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.checkpoint.keep={c.checkpoint.keep} must be at least 1")
     if c.data.n_samples < 0:
         raise ConfigError(f"config.data.n_samples={c.data.n_samples} must be >= 0 (0: all)")
+    g = tuple(c.data.gain_augment)
+    if len(g) != 2 or not 0 < g[0] <= g[1]:
+        raise ConfigError(f"config.data.gain_augment={g} must be (low, high) with 0 < low <= high")
+    if c.model.residual_sigma <= 0:
+        raise ConfigError(f"config.model.residual_sigma={c.model.residual_sigma} must be > 0")
+    if c.data.headroom < 0:
+        raise ConfigError(f"config.data.headroom={c.data.headroom} must be >= 0")
+    if c.data.normalization == "reference" and c.data.vst != "none":
+        raise ConfigError("config.data.vst applies to the stored normalisations, not reference")
     if not 0.0 <= c.data.val_fraction < 1.0:
         raise ConfigError(f"config.data.val_fraction={c.data.val_fraction} must be in [0, 1)")
-    for path in ("loss.gan", "loss.l1", "loss.ssim", "loss.tv", "loss.contrastive"):
+    for path in ("loss.gan", "loss.l1", "loss.l2", "loss.ssim", "loss.tv", "loss.contrastive"):
         if _get(c, path) < 0:
             raise ConfigError(f"config.{path}={_get(c, path)} must be >= 0 (0 switches it off)")
     if not 0.0 <= c.loss.blur_p <= 1.0:

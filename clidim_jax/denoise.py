@@ -248,8 +248,11 @@ def denoiser_from_run(
     tile: int | None = None,
     overlap: int | None = None,
     batch_size: int | None = None,
+    tta: bool | None = None,
 ) -> Denoiser:
-    """A `Denoiser` for the latest checkpoint of a training run (its config's tiling defaults)."""
+    """A `Denoiser` for the selected checkpoint of a training run (the best by validation PSNR
+    when the run has validation data, else the latest), with its config's tiling and
+    test-time-augmentation defaults."""
     from clidim_jax.train import generator_variables, restore_run
 
     config, nets, state, norm = restore_run(workdir)
@@ -261,6 +264,7 @@ def denoiser_from_run(
         batch_size or ev.batch_size,
         tile=int(tile or ev.get("tile", 512)),
         overlap=overlap if overlap is not None else (int(ev.get("tile_overlap", 0)) or None),
+        tta=bool(ev.get("tta", False)) if tta is None else tta,
     )
 
 

@@ -182,6 +182,7 @@ def evaluate(
     write: bool = True,
     metrics_mode: str = "standard",
     model_name: str | None = None,
+    checkpoint: dict | None = None,
 ) -> dict:
     """Denoises every noisy image of the split and compares input, model and the Gaussian
     baseline with the ground truth. Writes eval.json, eval.csv, eval.md and eval.png; returns
@@ -206,10 +207,13 @@ def evaluate(
         "n_images": len(test),
         "metrics": metrics_mode,
         "model": model_name or "denoised",
+        "tta": bool(getattr(denoiser, "tta", False)),
         "input": metrics.summarize_values(values["input"]),
         "output": metrics.summarize_values(values["output"]),
         "baseline": {"name": f"gaussian_filter(sigma={sigma:g})", "sigma": sigma, **base},
     }
+    if checkpoint is not None:
+        result["checkpoint"] = checkpoint
     if metrics_mode != "standard":
         if denoiser.norm.mode == "reference":
             # A run reproducing the reference: predict as its test code does, with each image's
@@ -277,9 +281,11 @@ def evaluate_run(
     split: str = "test",
     metrics_mode: str = "standard",
     tile: int | None = None,
+    tta: bool | None = None,
     quiet: bool = False,
 ) -> dict:
-    """Re-evaluates the latest checkpoint of a training run on its own dataset's split."""
+    """Re-evaluates a training run on its own dataset's split, with the checkpoint `restore_run`
+    selects (the best by validation PSNR when the run has validation data, else the latest)."""
     import jax
 
     from clidim_jax.data import load_datasets
@@ -287,7 +293,8 @@ def evaluate_run(
 
     if split not in ("test", "train"):
         raise ValueError(f"split must be test or train, got {split!r}")
-    config, nets, state, norm = restore_run(workdir)
+    restored = restore_run(workdir)
+    config, nets, state, norm = restored
     train_ds, test_ds = load_datasets(config.data, config.train.batch_size, config.seed)
     ds = test_ds if split == "test" else train_ds
     ev = config.eval
@@ -298,6 +305,7 @@ def evaluate_run(
         ev.batch_size,
         tile=int(tile or ev.get("tile", 512)),
         overlap=int(ev.get("tile_overlap", 0)) or None,
+        tta=bool(ev.get("tta", False)) if tta is None else tta,
     )
     result = evaluate(
         denoiser,
@@ -309,6 +317,7 @@ def evaluate_run(
         write=jax.process_index() == 0,
         metrics_mode=metrics_mode,
         model_name=f"{config.name}:{config.variant}",
+        checkpoint={"step": restored.step, "selected_by": restored.selected_by},
     )
     if not quiet and jax.process_index() == 0:
         print(format_result(result), flush=True)

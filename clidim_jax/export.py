@@ -216,8 +216,10 @@ def denoiser_from_model(
     tile: int | None = None,
     overlap: int | None = None,
     batch_size: int | None = None,
+    tta: bool | None = None,
 ) -> Denoiser:
-    """A `Denoiser` running a model file; tiling defaults are those stored at export."""
+    """A `Denoiser` running a model file; tiling and test-time-augmentation defaults are those
+    stored at export."""
     generator, variables, norm, meta = load_model(path)
     return Denoiser(
         generator,
@@ -226,6 +228,7 @@ def denoiser_from_model(
         batch_size or int(meta.get("batch_size", 4)),
         tile=tile or int(meta.get("tile", 512)),
         overlap=overlap if overlap is not None else meta.get("tile_overlap"),
+        tta=bool(meta.get("tta", False)) if tta is None else tta,
     )
 
 
@@ -236,12 +239,14 @@ def export_run(
     overwrite: bool = False,
     platforms: Sequence[str] | None = None,
 ) -> dict:
-    """Exports the latest checkpoint of a training run to a model file; returns its metadata."""
+    """Exports the selected checkpoint of a training run (the best by validation PSNR when the
+    run has validation data, else the latest) to a model file; returns its metadata."""
     from clidim_jax.denoise import check_output
     from clidim_jax.train import generator_variables, restore_run
 
     check_output(out, overwrite)  # fail before the (slow) restore and export
-    config, nets, state, norm = restore_run(workdir)
+    restored = restore_run(workdir)
+    config, nets, state, norm = restored
     variables = jax.device_get(generator_variables(state))
     exported = export_generator(nets.generator, variables, platforms=platforms)
     g = nets.generator
@@ -253,9 +258,11 @@ def export_run(
         "tile": int(ev.get("tile", 512)),
         "tile_overlap": int(ev.get("tile_overlap", 0)) or None,
         "batch_size": int(ev.batch_size),
+        "tta": bool(ev.get("tta", False)),
         "run": {
             "workdir": os.path.abspath(workdir),
             "step": int(state.step),
+            "checkpoint_selected_by": restored.selected_by,
             "name": str(config.name),
             "variant": str(config.variant),
             "data_source": str(config.data.source),

@@ -136,6 +136,42 @@ class Tiling:
         return w
 
 
+# The 8 symmetries of the square (dihedral group D4) as (quarter turns, mirror first).
+DIHEDRAL = tuple((k, m) for k in range(4) for m in (False, True))
+
+
+def dihedral(x, k: int, mirror: bool):
+    """Mirrors the W axis (if `mirror`), then turns the (H, W) axes of (N, H, W, ...) `k`
+    quarter turns; NumPy or JAX arrays."""
+    xp = jnp if isinstance(x, jax.Array) else np
+    if mirror:
+        x = xp.flip(x, axis=2)
+    return xp.rot90(x, k, axes=(1, 2))
+
+
+def dihedral_inverse(y, k: int, mirror: bool):
+    xp = jnp if isinstance(y, jax.Array) else np
+    y = xp.rot90(y, -k, axes=(1, 2))
+    return xp.flip(y, axis=2) if mirror else y
+
+
+def dihedral_mean(f: Callable, x: jax.Array) -> jax.Array:
+    """Test-time augmentation: the mean over the 8 symmetries t of t^-1(f(t(x))) for an (N, H,
+    W, C) batch. The transforms of equal shape go through `f` as one batch (one call for square
+    images, two otherwise); eval-mode G treats the images of a batch independently, so this
+    equals eight separate calls."""
+    n = x.shape[0]
+    groups = ([t for t in DIHEDRAL if t[0] % 2 == 0], [t for t in DIHEDRAL if t[0] % 2 == 1])
+    if x.shape[1] == x.shape[2]:
+        groups = (DIHEDRAL,)
+    total = jnp.zeros(x.shape[:3] + (1,), jnp.float32)
+    for ts in groups:
+        y = f(jnp.concatenate([dihedral(x, k, m) for k, m in ts], axis=0))
+        for i, (k, m) in enumerate(ts):
+            total = total + dihedral_inverse(y[i * n : (i + 1) * n], k, m)
+    return total / len(DIHEDRAL)
+
+
 class Denoiser:
     """Runs G (eval mode) on images in original units.
 
@@ -143,7 +179,9 @@ class Denoiser:
     with that interface, e.g. a model loaded by `clidim_jax.export.load_model`). Images whose
     padded size fits in `tile` are predicted whole, `batch_size` at a time (one compilation per
     image size); larger ones as overlapping tiles, `batch_size` tiles at a time (one compilation
-    per tile shape).
+    per tile shape). `tta=True` predicts every image (or tile) under the 8 flips and quarter
+    turns and averages the 8 predictions, mapped back (test-time augmentation: 8 times the
+    compute, in one compiled program per shape).
     """
 
     def __init__(
@@ -156,8 +194,10 @@ class Denoiser:
         tile: int = 512,
         overlap: int | None = None,
         margin: int | None = None,
+        tta: bool = False,
     ):
         self.generator = generator
+        self.tta = bool(tta)
         self.variables = variables
         self.norm = norm
         self.batch_size = max(1, int(batch_size))
@@ -165,8 +205,8 @@ class Denoiser:
         self.tiling = Tiling.make(self.multiple, tile, overlap, margin)
 
         def predict(variables, x):
-            y = generator.apply(variables, x, train=False)
-            return y.astype(jnp.float32)
+            f = lambda x: generator.apply(variables, x, train=False).astype(jnp.float32)
+            return dihedral_mean(f, x) if self.tta else f(x)
 
         self._predict = jax.jit(predict, compiler_options=compiler_options())
 

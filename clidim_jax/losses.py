@@ -26,6 +26,11 @@ def l1_loss(pred: jax.Array, target: jax.Array) -> jax.Array:
     return jnp.abs(pred - target).mean()
 
 
+def l2_loss(pred: jax.Array, target: jax.Array) -> jax.Array:
+    """Mean squared error (the loss whose optimum is the posterior mean, what PSNR rewards)."""
+    return jnp.square(pred - target).mean()
+
+
 def gaussian_kernel_1d(window: int, sigma: float) -> jax.Array:
     """Normalised 1-D Gaussian taps at integer offsets centred on the window (kornia's rule)."""
     x = jnp.arange(window, dtype=jnp.float32) - window // 2

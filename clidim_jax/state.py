@@ -78,6 +78,9 @@ def build_networks(config: ml_collections.ConfigDict) -> Networks:
             norm=m.norm,
             use_dropout=m.dropout,
             dtype=dtype,
+            output=m.get("output", "tanh"),
+            residual=str(m.get("residual", "none")),
+            residual_sigma=float(m.get("residual_sigma", 1.0)),
         ),
         discriminator=PatchGANDiscriminator(
             ndf=m.ndf, n_layers=m.d_layers, norm=m.norm, dtype=dtype

@@ -79,11 +79,19 @@ def make_train_step(
             terms["g_gan"] = losses.gan_loss_g(logits.astype(jnp.float32))
         if w.l1 > 0:
             terms["g_l1"] = losses.l1_loss(fake, clean)
+        if w.get("l2", 0.0) > 0:
+            terms["g_l2"] = losses.l2_loss(fake, clean)
         if w.ssim > 0:
             terms["g_ssim"] = losses.ssim_loss(fake, clean)
         if w.tv > 0:
             terms["g_tv"] = losses.tv_loss(fake)
-        weights = {"g_gan": w.gan, "g_l1": w.l1, "g_ssim": w.ssim, "g_tv": w.tv}
+        weights = {
+            "g_gan": w.gan,
+            "g_l1": w.l1,
+            "g_l2": w.get("l2", 0.0),
+            "g_ssim": w.ssim,
+            "g_tv": w.tv,
+        }
         total = sum(weights[k] * v for k, v in terms.items())
         return total, (terms, d_bs)
 
@@ -155,21 +163,31 @@ def make_train_step(
     return train_step
 
 
-def normalize_batch(
-    noisy: jax.Array, clean: jax.Array, mode: str, low: float, high: float
-) -> Batch:
-    """Maps a batch in the data's units to [-1, 1].
+def normalize_batch(noisy: jax.Array, clean: jax.Array, norm: Any) -> Batch:
+    """Maps a batch in the data's units to the model's space.
 
-    percentile: the fixed, stored mapping from the noisy training images (deployable).
-    reference: one min and max over the whole batch of noisy and clean (the reference code).
+    The stored `Normalization` (deployable: statistics of the training images, and a
+    variance-stabilising transform when it has a noise model), except in `reference` mode: one
+    min and max over the whole batch of noisy and clean (the reference code).
     """
-    if mode == "reference":
+    if norm.mode == "reference":
         lo = jnp.minimum(noisy.min(), clean.min())
         hi = jnp.maximum(noisy.max(), clean.max())
         scale = 2.0 / jnp.maximum(hi - lo, 1e-12)
-    else:
-        lo, scale = low, 2.0 / (high - low)
-    return {"noisy": (noisy - lo) * scale - 1.0, "clean": (clean - lo) * scale - 1.0}
+        return {"noisy": (noisy - lo) * scale - 1.0, "clean": (clean - lo) * scale - 1.0}
+    return {"noisy": norm.apply(noisy), "clean": norm.apply(clean)}
+
+
+def random_gain(
+    key: jax.Array, noisy: jax.Array, clean: jax.Array, gain_range: tuple[float, float]
+) -> tuple[jax.Array, jax.Array]:
+    """Intensity augmentation: each crop pair times one gain drawn log-uniformly from
+    `gain_range` (in the data's units, before normalisation), so the model sees structures
+    brighter and dimmer than the training field's."""
+    lo, hi = (float(g) for g in gain_range)
+    u = jax.random.uniform(key, (noisy.shape[0], 1, 1, 1), jnp.float32)
+    g = jnp.exp(jnp.log(lo) + u * (jnp.log(hi) - jnp.log(lo)))
+    return noisy * g, clean * g
 
 
 def step_compiler_options(mesh: Any = None) -> dict[str, Any]:
@@ -215,8 +233,13 @@ def make_sampled_train_step(
             augment=config.data.augment,
             order=data.get("order"),
         )
+        gain_range = tuple(config.data.gain_augment)
+        if gain_range != (1.0, 1.0):
+            # (a key of its own, so the crops of runs without it are unchanged)
+            k_gain = jax.random.fold_in(jax.random.fold_in(k_data, state.step), 0x6A17)
+            noisy, clean = random_gain(k_gain, noisy, clean, gain_range)
         noisy, clean = constrain(noisy), constrain(clean)
-        batch = normalize_batch(noisy, clean, config.data.normalization, norm.low, norm.high)
+        batch = normalize_batch(noisy, clean, norm)
         return step_fn(state, batch, k_step)
 
     return sampled_step

@@ -31,7 +31,8 @@ from clidim_jax.checkpointing import (
     StopRequest,
     nonfinite_leaves,
 )
-from clidim_jax.data import Normalization, PairedImages
+from clidim_jax.data import DataError, Normalization, PairedImages
+from clidim_jax.data.normalization import fit_noise_model, percentiles
 from clidim_jax.data.datasets import load_splits
 from clidim_jax.evaluate import evaluate, format_result
 from clidim_jax.inference import Denoiser
@@ -77,7 +78,22 @@ def compute_normalization(config: ml_collections.ConfigDict, train: PairedImages
             max(max(a.max() for a in train.iter_noisy()), max(c.max() for c in train.iter_clean()))
         )
         return Normalization(lo, hi if hi > lo else lo + 1.0, "reference")
-    return Normalization.from_images(train.iter_noisy(), tuple(d.percentiles))
+    noise = None
+    if d.vst == "gat":
+        try:
+            noise = fit_noise_model(train.iter_pairs())
+        except ValueError as e:
+            raise DataError(f"{train.name}: {e}") from None
+    transform = noise.gat if noise is not None else (lambda x: x)
+    lo, hi = percentiles((transform(np.asarray(a, np.float32)) for a in train.iter_noisy()),
+                         tuple(d.percentiles))
+    if d.normalization == "range":
+        # Every clean training intensity inside [-1, 1], with headroom above the brightest.
+        top = max(float(transform(np.float32(c.max()))) for c in train.iter_clean())
+        hi = lo + (max(hi, top) - lo) * (1.0 + float(d.headroom))
+    if not hi > lo:
+        hi = lo + 1.0  # a constant image: any positive scale is exact
+    return Normalization(float(lo), float(hi), d.normalization, noise)
 
 
 def make_metrics_collection(names: list[str]) -> type[clu_metrics.Collection]:
@@ -154,9 +170,14 @@ FIXED_ON_RESUME = (
     "data.ground_truth",
     "data.n_samples",
     "data.val_fraction",
+    "data.val_noisy_path",
+    "data.val_clean_path",
     "data.patch_size",
     "data.normalization",
     "data.percentiles",
+    "data.headroom",
+    "data.vst",
+    "data.gain_augment",
     "loss.head_features",
 )
 
@@ -401,6 +422,7 @@ class TrainRun:
     num_steps: int
     stopped_by: str | None  # the signal that stopped training early, if any
     test: PairedImages
+    validated: bool = False  # whether checkpoints carry a validation PSNR
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
@@ -600,7 +622,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
     elif start >= num_steps:
         _say(f"{workdir} is trained to step {start} (>= {num_steps} steps): nothing to train")
     writer.close()
-    return TrainRun(config, nets, carry.state, norm, step, num_steps, stopped_by, test_ds)
+    return TrainRun(
+        config, nets, carry.state, norm, step, num_steps, stopped_by, test_ds, val_ds is not None
+    )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -610,13 +634,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     run = train(config, workdir)
     if run.stopped_by:
         return {"stopped_by": run.stopped_by, "step": run.step}
+    variables, checkpoint = local_generator_variables(run.state), None
+    if run.validated:  # evaluate the checkpoint chosen on the validation data
+        best = restore_run(workdir)
+        variables = jax.device_get(generator_variables(best.state))
+        checkpoint = {"step": best.step, "selected_by": best.selected_by}
+        _say(f"evaluating checkpoint {best.step}: {best.selected_by}")
+    else:
+        checkpoint = {"step": run.step, "selected_by": "final state (no validation data)"}
     denoiser = Denoiser(
         run.nets.generator,
-        local_generator_variables(run.state),
+        variables,
         run.norm,
         config.eval.batch_size,
         tile=config.eval.tile,
         overlap=config.eval.tile_overlap,
+        tta=config.eval.tta,
     )
     result = evaluate(
         denoiser,
@@ -625,6 +658,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         dataset=_dataset_name(config),
         baseline_sigmas=tuple(config.eval.baseline_sigmas),
         write=jax.process_index() == 0,
+        model_name=f"{config.name}:{config.variant}",
+        checkpoint=checkpoint,
     )
     writer = MetricWriter(workdir, tensorboard=True)
     writer.write_scalars(run.step, {f"eval/{k}": v for k, v in result["output"].items()})
@@ -644,16 +679,37 @@ def _dataset_name(config: ml_collections.ConfigDict) -> str:
     return d.source  # a benchmark
 
 
-def restore_run(
-    workdir: str,
-) -> tuple[ml_collections.ConfigDict, Networks, TrainState, Normalization]:
-    """Rebuilds config, networks, state and normalisation from a workdir's latest readable
-    checkpoint (a damaged newer one is reported and skipped, not moved)."""
+@dataclasses.dataclass
+class RestoredRun:
+    """A trained run read back from its workdir: what evaluation, denoising and export need."""
+
+    config: ml_collections.ConfigDict
+    nets: Networks
+    state: TrainState
+    norm: Normalization
+    step: int
+    selected_by: str  # how `step` was chosen
+
+    def __iter__(self):  # (config, nets, state, norm) = restore_run(...)
+        return iter((self.config, self.nets, self.state, self.norm))
+
+
+def restore_run(workdir: str, *, select: str = "best") -> RestoredRun:
+    """Rebuilds config, networks, state and normalisation from a workdir's checkpoints.
+
+    `select="best"`: the checkpoint with the best validation PSNR when the run has validation
+    data (its checkpoints carry the score), else the latest; `"latest"`: the latest. A damaged
+    checkpoint is reported and skipped (not moved) in favour of the next candidate."""
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise FileNotFoundError(f"{workdir}: no checkpoint found (train a model there first)")
     ckpts = Checkpoints(workdir, read_only=True, async_save=False)
     try:
-        for step in reversed(ckpts.all_steps()):
+        steps = list(reversed(ckpts.all_steps()))
+        scores = ckpts.validation_scores() if select == "best" else {}
+        if scores:  # best first (the later step on a tie), then the rest newest first
+            best = sorted(scores, key=lambda s: (scores[s], s), reverse=True)
+            steps = best + [s for s in steps if s not in scores]
+        for step in steps:
             try:
                 meta = ckpts.read_meta(step)
                 config = config_from_metadata(meta)
@@ -662,10 +718,18 @@ def restore_run(
                 state, _, _ = ckpts.restore_step(step, abstract, None, meta)
             except IncompatibleCheckpoint:
                 raise
-            except Exception as e:  # a damaged checkpoint: try the one before
-                _say(f"checkpoint {step} is damaged ({type(e).__name__}: {e}); trying an older one")
+            except Exception as e:  # a damaged checkpoint: try the next one
+                _say(f"checkpoint {step} is damaged ({type(e).__name__}: {e}); trying another one")
                 continue
-            return config, nets, state, Normalization.from_dict(meta["normalization"])
+            if step in scores:
+                how = (
+                    f"best validation PSNR ({scores[step]:.3f} dB) of "
+                    f"{len(scores)} validated checkpoints"
+                )
+            else:
+                how = "latest checkpoint"
+            norm = Normalization.from_dict(meta["normalization"])
+            return RestoredRun(config, nets, state, norm, int(step), how)
     finally:
         ckpts.close()
     raise FileNotFoundError(f"{workdir}: no checkpoint found (train a model there first)")

@@ -150,6 +150,10 @@ class PairedImages:
                 seen.add(key)
                 yield self.clean[c, y : y + h, x : x + w]
 
+    def iter_pairs(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(noisy, clean) of every view (views, no copies)."""
+        return (self.pair(i) for i in range(len(self)))
+
     def subset(self, indices: Sequence[int], name: str, order: np.ndarray | None = None):
         return PairedImages(self.noisy, self.clean, self.views[np.asarray(indices)], name, order)
 
@@ -568,7 +572,14 @@ def load_splits(
 ) -> tuple[PairedImages, PairedImages | None, PairedImages]:
     """Returns (train, validation or None, test), validated before any training starts."""
     train, test, full_width = _load_train_test(data)
-    train, val = carve_validation(train, float(data.get("val_fraction", 0.0)), full_width)
+    val_fraction = float(data.get("val_fraction", 0.0))
+    if data.get("val_noisy_path") or data.get("val_clean_path"):
+        # Validation files take precedence over a validation region (data.val_fraction).
+        axes = data.get("axes", "")
+        val_fields = _paired_fields(data.val_noisy_path, data.val_clean_path, axes, "val_")
+        val = _whole(val_fields, _pair_name(data.val_noisy_path, val_fields))
+    else:
+        train, val = carve_validation(train, val_fraction, full_width)
     p = data.patch_size
     hs, ws = train.sizes.T
     small = np.flatnonzero((hs < p) | (ws < p))

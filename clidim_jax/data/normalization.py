@@ -44,18 +44,91 @@ def _percentiles_from_counts(counts: np.ndarray, q: tuple[float, ...]) -> tuple[
     return tuple(out)
 
 
+def _xp(x):
+    """jax.numpy for JAX arrays (also under jit), NumPy otherwise."""
+    import jax
+
+    if isinstance(x, jax.Array):
+        import jax.numpy as jnp
+
+        return jnp
+    return np
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseModel:
+    """Poisson-Gaussian noise: Var[noisy | clean] = gain * clean + offset (offset = read-noise
+    variance minus gain times the camera's dark level, so it may be negative)."""
+
+    gain: float
+    offset: float
+
+    def gat(self, x):
+        """The generalized Anscombe transform (Murtagh, Starck and Bijaoui 1995; Makitalo and
+        Foi 2013): 2 / gain * sqrt(max(gain * x + 3/8 gain^2 + offset, 0)). It maps noise of
+        variance gain * x + offset to (approximately) unit variance."""
+        xp = _xp(x)
+        a = self.gain
+        return (2.0 / a) * xp.sqrt(xp.maximum(a * x + 0.375 * a * a + self.offset, 0.0))
+
+    def gat_inverse(self, y):
+        """The algebraic inverse of `gat` (for y >= 0; negative y count as 0). A supervised
+        model learns the transform of the clean image itself, so the algebraic inverse, not
+        an unbiased one, is the right inverse here."""
+        xp = _xp(y)
+        a = self.gain
+        y = xp.maximum(y, 0.0)
+        return ((a * y / 2.0) ** 2 - 0.375 * a * a - self.offset) / a
+
+
+def fit_noise_model(pairs: Iterable[tuple[np.ndarray, np.ndarray]], bins: int = 64) -> NoiseModel:
+    """Fits Var[noisy - clean] = gain * clean + offset on paired images: the residual variance
+    in `bins` equally populated bins of the clean intensity, then a least-squares line through
+    the bins (each weighted by its pixel count). Raises ValueError when the data show no
+    signal-dependent noise (a gain <= 0 cannot be stabilised by the GAT)."""
+    cs, rs = [], []
+    for noisy, clean in pairs:
+        c = np.asarray(clean, np.float64).ravel()
+        cs.append(c)
+        rs.append(np.asarray(noisy, np.float64).ravel() - c)
+    c, r = np.concatenate(cs), np.concatenate(rs)
+    edges = np.unique(np.quantile(c, np.linspace(0, 1, bins + 1)))
+    idx = np.clip(np.searchsorted(edges, c, side="right") - 1, 0, len(edges) - 2)
+    n = np.bincount(idx, minlength=len(edges) - 1).astype(np.float64)
+    ok = n > 1
+    mean_c = np.bincount(idx, c, len(n))[ok] / n[ok]
+    mean_r = np.bincount(idx, r, len(n))[ok] / n[ok]
+    var = np.bincount(idx, r * r, len(n))[ok] / n[ok] - mean_r**2
+    w = n[ok]
+    if len(mean_c) < 2 or np.ptp(mean_c) == 0:
+        raise ValueError("the clean images have a single intensity: no noise model can be fitted")
+    gain, offset = np.polyfit(mean_c, var, 1, w=np.sqrt(w))
+    if not gain > 0:
+        raise ValueError(
+            f"the noise does not grow with the signal (fitted gain {gain:.3g}): a variance-"
+            "stabilising transform does not apply; use data.vst=none"
+        )
+    return NoiseModel(float(gain), float(offset))
+
+
 @dataclasses.dataclass(frozen=True)
 class Normalization:
-    """x -> 2 (x - low) / (high - low) - 1, from statistics of the noisy training images only.
+    """x -> 2 (v(x) - low) / (high - low) - 1, where v is the identity or, with a noise model,
+    its generalized Anscombe transform; low/high come from statistics of the training images.
 
-    `mode == "reference"` marks runs that reproduce the reference code, which instead uses a
-    batch min-max of noisy and clean together during training (and per image at test time, a
-    leak of the ground truth): the fixed low/high here are then used only for deployment.
+    `mode` says how low/high were chosen: "percentile" (percentiles of the noisy training
+    images, the pix2pix-style default), "range" (the noisy training images' low percentile and
+    the clean training images' maximum, plus headroom: every training target is representable
+    and brighter test images stay in a range the model has seen), or "reference" (runs that
+    reproduce the reference code, which instead uses a batch min-max of noisy and clean during
+    training and per image at test time, a leak of the ground truth: the fixed low/high here
+    are then used only for deployment).
     """
 
     low: float
     high: float
     mode: str = "percentile"
+    noise: NoiseModel | None = None
 
     @classmethod
     def from_images(
@@ -69,15 +142,32 @@ class Normalization:
         return cls(lo, hi, mode)
 
     def apply(self, x):
-        """Works on NumPy and JAX arrays alike."""
+        """Works on NumPy and JAX arrays alike (also inside jit)."""
+        if self.noise is not None:
+            x = self.noise.gat(x)
         return (x - self.low) * (2.0 / (self.high - self.low)) - 1.0
 
     def invert(self, y):
-        return (y + 1.0) * ((self.high - self.low) / 2.0) + self.low
+        x = (y + 1.0) * ((self.high - self.low) / 2.0) + self.low
+        if self.noise is not None:
+            x = self.noise.gat_inverse(x)
+        return x
+
+    def to_dict(self) -> dict:
+        d = {"low": self.low, "high": self.high, "mode": self.mode}
+        if self.noise is not None:
+            d["noise"] = dataclasses.asdict(self.noise)
+        return d
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
+        return json.dumps(self.to_dict())
 
     @classmethod
     def from_dict(cls, d: dict) -> Normalization:
-        return cls(float(d["low"]), float(d["high"]), str(d.get("mode", "percentile")))
+        noise = d.get("noise")
+        return cls(
+            float(d["low"]),
+            float(d["high"]),
+            str(d.get("mode", "percentile")),
+            NoiseModel(float(noise["gain"]), float(noise["offset"])) if noise else None,
+        )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from clidim_jax.models.layers import (
     Conv4x4,
@@ -19,6 +21,24 @@ from clidim_jax.models.layers import (
 
 Array = jax.Array
 Dtype = Any
+
+
+OUTPUTS = ("tanh", "linear")
+RESIDUALS = ("none", "input", "smooth")
+
+
+def gaussian_blur(x: Array, sigma: float) -> Array:
+    """Separable Gaussian filter of NHWC images, taps out to 3 sigma, reflect borders (the taps
+    are constants: the U-Net's fixed low-pass, not a learned layer)."""
+    r = max(1, math.ceil(3 * sigma))
+    t = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    t = (t / t.sum()).astype(np.float32)
+    h, w = x.shape[1], x.shape[2]
+    if min(h, w) <= r:
+        raise ValueError(f"images of {h}x{w} are too small for a blur of radius {r}")
+    x = jnp.pad(x, ((0, 0), (r, r), (r, r), (0, 0)), mode="reflect")
+    x = sum(float(t[i]) * x[:, i : i + h] for i in range(2 * r + 1))
+    return sum(float(t[i]) * x[:, :, i : i + w] for i in range(2 * r + 1))
 
 
 def level_channels(ngf: int, level: int) -> int:
@@ -40,7 +60,15 @@ class UNetGenerator(nn.Module):
     concat is always followed by the parent level's up-path ReLU and relu(leaky_relu(z)) ==
     relu(z) (derivative included), so passing the raw input, as here, computes the same function.
 
-    Parameters are float32; the computation runs in `dtype`; the output is float32 in [-1, 1].
+    Output layer (`output`): "tanh" as pix2pix (the output is bounded to [-1, 1], so nothing
+    brighter than the normalisation's upper point can be predicted), or "linear" (unbounded).
+    `residual` adds a fixed image to the output, so the network predicts a correction of it:
+    "input" the input itself (identity as the starting point), "smooth" the input low-passed
+    by a Gaussian of `residual_sigma` pixels (reflect borders), a classical denoiser as the
+    starting point; either way structures brighter than anything in training pass through.
+    Needs out_channels == input channels. "none": pix2pix.
+
+    Parameters are float32; the computation runs in `dtype`; the output is float32.
     Input: NHWC with any channel count; H and W must be divisible by 2**depth.
     """
 
@@ -50,10 +78,15 @@ class UNetGenerator(nn.Module):
     norm: str = "batch"
     use_dropout: bool = True
     dtype: Dtype = jnp.float32
+    output: str = "tanh"
+    residual: str = "none"
+    residual_sigma: float = 1.0
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool) -> Array:
         check_norm(self.norm)
+        if self.output not in OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {self.output!r}")
         if self.depth < 1:
             raise ValueError(f"depth must be >= 1, got {self.depth}")
         if x.ndim != 4:
@@ -103,5 +136,25 @@ class UNetGenerator(nn.Module):
             y = jnp.concatenate([skips[i - 1], y], axis=-1)
 
         y = nn.relu(y)
-        y = ConvTranspose4x4(self.out_channels, use_bias=True, dtype=self.dtype, name="up0")(y)
-        return jnp.tanh(y).astype(jnp.float32)
+        # With a residual base the last layer starts at zero, so an untrained G is its base
+        # (a random correction of a few tenths would first undo what the base gives).
+        last_init = nn.initializers.zeros_init() if self.residual != "none" else normal_init(0.02)
+        y = ConvTranspose4x4(
+            self.out_channels, use_bias=True, kernel_init=last_init, dtype=self.dtype, name="up0"
+        )(y)
+        if self.output == "tanh":
+            y = jnp.tanh(y)
+        y = y.astype(jnp.float32)
+        if self.residual not in RESIDUALS:
+            raise ValueError(f"residual must be one of {', '.join(RESIDUALS)}, got {self.residual!r}")
+        if self.residual != "none":
+            if x.shape[-1] != self.out_channels:
+                raise ValueError(
+                    f"a residual generator needs as many input as output channels, got "
+                    f"{x.shape[-1]} and {self.out_channels}"
+                )
+            base = x.astype(jnp.float32)
+            if self.residual == "smooth":
+                base = gaussian_blur(base, self.residual_sigma)
+            y = y + base
+        return y

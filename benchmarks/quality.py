@@ -1,0 +1,421 @@
+"""Quality benchmark: clidim-jax and its peers on the same real few-shot data, side by side.
+
+Protocol (FMD confocal BPAE_B, Zhang et al., CVPR 2019; the data has no licence, so it is read
+from the folder given and never copied into the repository):
+
+    train        field of view 1, noisy frames 0-15, ground truth = its 50-frame average
+    validation   field of view 2, noisy frames 0-3 (every method tunes on it: the Gaussian's
+                 sigma, BM3D's noise model and strength, CARE's and clidim-jax's checkpoint)
+    test         all 50 noisy frames of fields of view 3 and 4 (100 images)
+
+Metrics: the comparable convention (`clidim_jax.metrics`): float64, original intensities, data
+range = max - min of each ground-truth image, per image, then the mean (and per field).
+
+Rows, each with its training / tuning wall time on this machine: the noisy input; a Gaussian
+filter; BM3D after a generalized Anscombe transform; CARE (CAREamics at its defaults, in its own
+virtual environment: `--care-python`); clidim-jax's own-data recipe (`configs/own_data.py`, the
+README's command); the paper's ablations on top of the recipe at one common step budget; and
+the demo (bundled TIRF data) against its best Gaussian filter.
+
+    python benchmarks/quality.py --data ../shared/data/fmd_confocal_bpae_b --out runs/quality \\
+        --care-python /path/to/venv-care/bin/python
+
+writes OUT/results.json (every row, every image's figures), OUT/table.md, OUT/figure.png
+(crops of every method side by side) and OUT/curve.png (validation PSNR against training
+time). Run it on an otherwise idle machine: the wall times are part of the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import tifffile
+from scipy import ndimage
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from clidim_jax import metrics  # noqa: E402
+from clidim_jax.data.normalization import fit_noise_model  # noqa: E402
+
+ABLATIONS = ("l1", "baseline", "tv", "ssim", "cl", "cl_tv_ssim")
+SIGMAS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
+
+
+# ------------------------------------------------------------------------------------ the data
+
+
+def prepare(data: str, out: str) -> dict:
+    """Writes the protocol's splits as paired TIFF folders under OUT/data (what a user would
+    give `clidim-jax train --config.data.source=paired`) and returns them in memory."""
+    raw = {k: tifffile.imread(os.path.join(data, f"fov0{k}_raw.tif")) for k in (1, 2, 3, 4)}
+    gt = {k: tifffile.imread(os.path.join(data, f"fov0{k}_gt.tif")) for k in (1, 2, 3, 4)}
+    splits = {
+        "train": {"fov01": (raw[1][:16], gt[1])},
+        "val": {"fov02": (raw[2][:4], gt[2])},
+        "test": {"fov03": (raw[3], gt[3]), "fov04": (raw[4], gt[4])},
+    }
+    for split, fields in splits.items():
+        for kind in ("noisy", "clean"):
+            os.makedirs(os.path.join(out, "data", f"{split}_{kind}"), exist_ok=True)
+        for name, (noisy, clean) in fields.items():
+            tifffile.imwrite(os.path.join(out, "data", f"{split}_noisy", f"{name}.tif"), noisy)
+            tifffile.imwrite(os.path.join(out, "data", f"{split}_clean", f"{name}.tif"), clean)
+    return splits
+
+
+def pairs(fields: dict) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(field, noisy frame, ground truth) for every frame, fields in sorted order (the order
+    clidim-jax's paired folders use)."""
+    return [
+        (name, frame, gt)
+        for name, (noisy, gt) in sorted(fields.items())
+        for frame in noisy
+    ]
+
+
+def score(test: list, preds: list[np.ndarray]) -> dict:
+    gts = [g for _, _, g in test]
+    v = metrics.per_image(gts, preds)
+    out = {"psnr": float(np.mean(v["psnr"])), "ssim": float(np.mean(v["ssim"]))}
+    for name in sorted({f for f, _, _ in test}):
+        idx = [i for i, (f, _, _) in enumerate(test) if f == name]
+        out[f"psnr_{name}"] = float(np.mean([v["psnr"][i] for i in idx]))
+        out[f"ssim_{name}"] = float(np.mean([v["ssim"][i] for i in idx]))
+    out["per_image_psnr"] = [float(x) for x in v["psnr"]]
+    out["per_image_ssim"] = [float(x) for x in v["ssim"]]
+    return out
+
+
+# ---------------------------------------------------------------------------- classical peers
+
+
+def gaussian_row(val: list, test: list) -> tuple[dict, list]:
+    t0 = time.perf_counter()
+    best = max(
+        SIGMAS,
+        key=lambda s: np.mean(
+            [metrics.psnr(g, ndimage.gaussian_filter(n.astype(np.float64), s)) for _, n, g in val]
+        ),
+    )
+    tune = time.perf_counter() - t0
+    preds = [ndimage.gaussian_filter(n.astype(np.float64), best) for _, n, _ in test]
+    return {"setting": f"sigma {best:g} (best on validation of {SIGMAS})", "tune_s": tune}, preds
+
+
+def unbiased_inverse_table(model, top: float) -> tuple[np.ndarray, np.ndarray]:
+    """The exact unbiased inverse of the generalized Anscombe transform (Makitalo and Foi 2013),
+    numerically: E[GAT(x)] for a grid of clean intensities x under the fitted Poisson-Gaussian
+    model, to be inverted by interpolation. The model Var = gain * x + offset is read as
+    x = gain * (P + d) + N(0, s^2) with P ~ Poisson, d >= 0 a dark level and s^2 >= 0."""
+    a, b = model.gain, model.offset
+    s2, d = (b, 0.0) if b >= 0 else (0.0, -b / a)  # in units of x: N's variance, dark level
+    hx, hw = np.polynomial.hermite_e.hermegauss(24)  # E over a standard normal
+    hw = hw / hw.sum()
+    xs = np.linspace(max(d * a, 0.0) + 1e-3, top, 600)
+    ey = []
+    for x in xs:
+        lam = max(x / a - d, 1e-9)
+        k = np.arange(0, int(lam + 12 * np.sqrt(lam) + 20))
+        logp = k * np.log(lam) - lam - np.array([np.sum(np.log(np.arange(1, j + 1))) for j in k])
+        p = np.exp(logp)
+        vals = a * (k[:, None] + d) + np.sqrt(s2) * hx[None, :]
+        ey.append(np.sum(p[:, None] * hw[None, :] * model.gat(vals)))
+    return np.asarray(ey), xs
+
+
+def bm3d_row(val: list, test: list, workers: int) -> tuple[dict, list]:
+    """BM3D on the generalized Anscombe transform of the image (noise of unit variance there),
+    the noise model fitted on the validation pairs, the strength (a factor on the unit sigma)
+    chosen on validation, and the exact unbiased inverse."""
+    import bm3d
+
+    t0 = time.perf_counter()
+    model = fit_noise_model([(n, g) for _, n, g in val])
+    top = float(max(n.max() for _, n, _ in test + val)) * 1.5
+    ey, xs = unbiased_inverse_table(model, top)
+
+    def run(noisy: np.ndarray, factor: float) -> np.ndarray:
+        z = model.gat(noisy.astype(np.float64))
+        d = bm3d.bm3d(z, sigma_psd=factor)
+        return np.interp(d, ey, xs)
+
+    factors = (0.8, 0.9, 1.0, 1.1, 1.25)
+    scores = {
+        f: np.mean([metrics.psnr(g, run(n, f)) for _, n, g in val]) for f in factors
+    }
+    factor = max(scores, key=scores.get)
+    tune = time.perf_counter() - t0
+    preds = _parallel_map(lambda n: run(n, factor), [n for _, n, _ in test], workers)
+    setting = (
+        f"GAT with Var = {model.gain:.4g} x + {model.offset:.4g} (fitted on validation), "
+        f"sigma {factor:g} (best on validation of {factors}), exact unbiased inverse"
+    )
+    return {"setting": setting, "tune_s": tune}, preds
+
+
+def _parallel_map(f, items, workers: int) -> list:
+    if workers <= 1:
+        return [f(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as ex:  # (bm3d's C code releases the GIL)
+        return list(ex.map(f, items))
+
+
+# ------------------------------------------------------------------------------ learned peers
+
+
+def care_row(python: str, out: str, minutes: float) -> tuple[dict, list]:
+    """CAREamics at its defaults, trained for `minutes` of wall time (the epoch count that fits
+    is measured first), in its own interpreter; predictions come back as one .npy."""
+    pred_path = os.path.join(out, "care_pred.npy")
+    cmd = [python, os.path.join(HERE, "care_peer.py"), "--data", os.path.join(out, "data"),
+           "--workdir", os.path.join(out, "care"), "--minutes", str(minutes),
+           "--out", pred_path]  # fmt: skip
+    info = _run_logged(cmd, os.path.join(out, "care.log"))
+    with open(os.path.join(out, "care", "care_info.json"), encoding="utf-8") as f:
+        info.update(json.load(f))
+    preds = list(np.load(pred_path))
+    return info, preds
+
+
+def _run_logged(cmd: list[str], log: str, env: dict | None = None) -> dict:
+    """Runs a command, its output to `log` with the time of each line; returns wall time."""
+    t0 = time.perf_counter()
+    stamps = []
+    with open(log, "w", encoding="utf-8") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        p = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env
+        )
+        assert p.stdout is not None
+        for line in p.stdout:
+            t = time.perf_counter() - t0
+            stamps.append((t, line.rstrip("\n")))
+            f.write(f"[{t:8.1f}] {line}")
+            f.flush()
+        rc = p.wait()
+    if rc != 0:
+        tail = "\n".join(s for _, s in stamps[-30:])
+        raise RuntimeError(f"{' '.join(cmd)} exited {rc}:\n{tail}")
+    return {"wall_s": time.perf_counter() - t0, "command": " ".join(cmd), "lines": stamps}
+
+
+def clidim_row(
+    out: str, name: str, preset: str, overrides: list[str], test_data: bool = True
+) -> tuple[dict, list | None]:
+    """One `clidim-jax train` run, exactly as a user runs it; the test figures are read back
+    from its eval.csv (one row per test image, fields in sorted order)."""
+    wd = os.path.join(out, "runs", name)
+    shutil.rmtree(wd, ignore_errors=True)
+    d = os.path.join(out, "data")
+    data_flags = []
+    if test_data:
+        data_flags = [
+            "--config.data.source=paired",
+            f"--config.data.noisy_path={d}/train_noisy",
+            f"--config.data.clean_path={d}/train_clean",
+            f"--config.data.val_noisy_path={d}/val_noisy",
+            f"--config.data.val_clean_path={d}/val_clean",
+            f"--config.data.test_noisy_path={d}/test_noisy",
+            f"--config.data.test_clean_path={d}/test_clean",
+        ]
+    cmd = ["clidim-jax", "train", f"--workdir={wd}", f"--config={preset}", *data_flags, *overrides]
+    exe = shutil.which("clidim-jax") or os.path.join(os.path.dirname(sys.executable), "clidim-jax")
+    info = _run_logged([exe, *cmd[1:]], os.path.join(out, f"{name}.log"))
+    info["command"] = " ".join(cmd)
+    lines = info.pop("lines")
+    # Training time: from the start to the last training line (before the final evaluation).
+    train_end = max(
+        (t for t, s in lines if re.match(r"step \d+/\d+ ", s) or "validation PSNR" in s),
+        default=info["wall_s"],
+    )
+    info["train_s"] = train_end
+    info["val_curve"] = [
+        (t, float(m.group(2)), int(m.group(1)))
+        for t, s in lines
+        if (m := re.match(r"step (\d+): validation PSNR ([\d.]+) dB", s))
+    ]
+    with open(os.path.join(wd, "eval.json"), encoding="utf-8") as f:
+        ev = json.load(f)
+    info["eval"] = {
+        k: ev[k] for k in ("input", "output", "baseline", "checkpoint", "tta") if k in ev
+    }
+    if not test_data:
+        return info, None
+    with open(os.path.join(wd, "eval.csv"), encoding="utf-8") as f:
+        rows = f.read().splitlines()
+    head = rows[0].split(",")
+    ip, iss = head.index("output_psnr"), head.index("output_ssim")
+    info["csv"] = [(float(r.split(",")[ip]), float(r.split(",")[iss])) for r in rows[1:]]
+    return info, None
+
+
+# ------------------------------------------------------------------------------------ reports
+
+
+def table(results: dict, fields: list[str]) -> str:
+    head = ["method", "PSNR (dB)", "SSIM"] + [f"PSNR {f}" for f in fields] + ["time", "setting"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in results.items():
+        if "psnr" not in r:
+            continue
+        t = r.get("train_s", r.get("tune_s", r.get("wall_s")))
+        cells = [
+            name,
+            f"{r['psnr']:.2f}",
+            f"{r['ssim']:.4f}",
+            *[f"{r[f'psnr_{f}']:.2f}" for f in fields],
+            "" if t is None else f"{t / 60:.1f} min",
+            r.get("setting", ""),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(path: str, test: list, preds: dict, index: int, box: tuple[int, int, int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    field, noisy, gt = test[index]
+    y, x, s = box
+    panels = [("noisy", noisy)] + [(k, v[index]) for k, v in preds.items()] + [("ground truth", gt)]
+    vmin, vmax = np.percentile(gt, (0.5, 99.8))
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.0))
+    for ax, (name, img) in zip(axes, panels):
+        ax.imshow(img[y : y + s, x : x + s], cmap="magma", vmin=vmin, vmax=vmax)
+        title = name if name in ("noisy", "ground truth") else name
+        p = metrics.psnr(gt, img) if name != "ground truth" else None
+        ax.set_title(f"{title}\n{p:.2f} dB" if p else title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{field}, frame {index % 50}, crop [{y}:{y + s}, {x}:{x + s}]", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def curve(path: str, rows: dict[str, dict], peers: dict[str, float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, r in rows.items():
+        c = r.get("val_curve") or []
+        if c:
+            ax.plot([t / 60 for t, _, _ in c], [p for _, p, _ in c], marker="o", label=name)
+    for name, p in peers.items():
+        ax.axhline(p, ls="--", lw=1, color="gray")
+        ax.text(0.02, p, name, fontsize=8, va="bottom", transform=ax.get_yaxis_transform())
+    ax.set_xlabel("training wall time (min, 2-core CPU)")
+    ax.set_ylabel("validation PSNR (dB, field 2)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", required=True, help="folder with fov0N_raw.tif / fov0N_gt.tif")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--rows", default="noisy,gaussian,bm3d,care,recipe,ablations,demo")
+    ap.add_argument("--care-python", default="", help="Python of a venv with careamics")
+    ap.add_argument("--care-minutes", type=float, default=10.0)
+    ap.add_argument("--ablation-steps", type=int, default=1000)
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args()
+    rows = args.rows.split(",")
+    os.makedirs(args.out, exist_ok=True)
+    res_path = os.path.join(args.out, "results.json")
+    results: dict = {}
+    if os.path.exists(res_path):  # resume: keep rows already measured
+        with open(res_path, encoding="utf-8") as f:
+            results = json.load(f)
+    splits = prepare(args.data, args.out)
+    val, test = pairs(splits["val"]), pairs(splits["test"])
+    fields = sorted(splits["test"])
+    preds: dict[str, list] = {}
+
+    def save() -> None:
+        with open(res_path, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1)
+
+    def record(name: str, info: dict, p: list | None) -> None:
+        if p is not None:
+            preds[name] = p
+            info.update(score(test, p))
+        elif "csv" in info:
+            v = info.pop("csv")
+            info["psnr"] = float(np.mean([a for a, _ in v]))
+            info["ssim"] = float(np.mean([b for _, b in v]))
+            for fld in fields:
+                idx = [i for i, (f, _, _) in enumerate(test) if f == fld]
+                info[f"psnr_{fld}"] = float(np.mean([v[i][0] for i in idx]))
+                info[f"ssim_{fld}"] = float(np.mean([v[i][1] for i in idx]))
+            info["per_image_psnr"] = [a for a, _ in v]
+        results[name] = info
+        save()
+        print(f"{name}: " + ", ".join(f"{k} {info[k]:.4g}" for k in ("psnr", "ssim") if k in info)
+              + f" ({info.get('setting', '')})", flush=True)  # fmt: skip
+
+    if "noisy" in rows:
+        record("noisy input", {"setting": ""}, [n.astype(np.float64) for _, n, _ in test])
+    if "gaussian" in rows:
+        record("Gaussian filter", *gaussian_row(val, test))
+    if "bm3d" in rows:
+        t0 = time.perf_counter()
+        info, p = bm3d_row(val, test, args.workers)
+        info["wall_s"] = time.perf_counter() - t0
+        record("BM3D + GAT", info, p)
+    if "care" in rows:
+        if not args.care_python:
+            raise SystemExit("the care row needs --care-python (a venv with careamics)")
+        info, p = care_row(args.care_python, args.out, args.care_minutes)
+        info.pop("lines", None)
+        record("CARE (CAREamics defaults)", info, p)
+    if "recipe" in rows:
+        info, _ = clidim_row(args.out, "recipe", "own_data", [])
+        info["setting"] = "configs/own_data.py (the README's own-data recipe)"
+        record("clidim-jax own_data", info, None)
+    if "ablations" in rows:
+        for v in ABLATIONS:
+            over = [f"--config.train.steps={args.ablation_steps}"]
+            if v == "l1":
+                over += ["--config.loss." + k + "=0" for k in ("gan", "ssim", "tv", "contrastive")]
+            info, _ = clidim_row(args.out, f"ablation_{v}", f"own_data:variant={v}"
+                                 if v != "l1" else "own_data:variant=baseline", over)  # fmt: skip
+            info["setting"] = f"own_data, variant {v}, {args.ablation_steps} steps, no TTA"
+            record(f"ablation {v}", info, None)
+    if "demo" in rows:
+        info, _ = clidim_row(args.out, "demo", "demo", [], test_data=False)
+        ev = info["eval"]
+        info["setting"] = (
+            f"bundled TIRF demo, held-out left half: model {ev['output']['psnr']:.2f} dB / "
+            f"{ev['output']['ssim']:.4f}, best Gaussian {ev['baseline']['psnr']:.2f} dB / "
+            f"{ev['baseline']['ssim']:.4f}"
+        )
+        results["demo"] = info
+        save()
+    with open(os.path.join(args.out, "table.md"), "w", encoding="utf-8") as f:
+        f.write(table(results, fields))
+    print(table(results, fields))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,289 @@
+"""The features the quality work added: unbounded outputs, residual bases, the variance-stabilising
+transform and its noise model, test-time augmentation, and checkpoint selection by validation."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tifffile
+from scipy import ndimage
+
+from clidim_jax import train as train_lib
+from clidim_jax.config_lib import ConfigError, validate
+from clidim_jax.data.normalization import NoiseModel, Normalization, fit_noise_model
+from clidim_jax.inference import DIHEDRAL, Denoiser, dihedral, dihedral_inverse
+from clidim_jax.models.unet import UNetGenerator, gaussian_blur
+
+# ------------------------------------------------------------------ variance-stabilising transform
+
+
+def test_gat_on_analytic_values():
+    # gain 2, offset 1: GAT(x) = 2/2 * sqrt(2 x + 3/8 * 4 + 1) = sqrt(2 x + 2.5)
+    m = NoiseModel(gain=2.0, offset=1.0)
+    x = np.array([0.0, 1.0, 11.25, 48.75])
+    np.testing.assert_allclose(m.gat(x), [np.sqrt(2.5), np.sqrt(4.5), 5.0, 10.0], rtol=1e-12)
+    # Pure Poisson (gain 1, offset 0) is Anscombe's transform 2 sqrt(x + 3/8).
+    a = NoiseModel(1.0, 0.0)
+    np.testing.assert_allclose(a.gat(x), 2 * np.sqrt(x + 0.375), rtol=1e-12)
+
+
+def test_gat_inverse_inverts_exactly_and_clamps_below_zero():
+    m = NoiseModel(gain=0.7, offset=-2.0)
+    x = np.linspace(5.0, 500.0, 50)
+    np.testing.assert_allclose(m.gat_inverse(m.gat(x)), x, rtol=1e-10)
+    lowest = m.gat_inverse(np.array([-3.0, 0.0]))
+    assert lowest[0] == lowest[1]  # negative transformed values count as 0
+
+
+def test_gat_stabilises_poisson_gaussian_noise():
+    rng = np.random.default_rng(0)
+    gain, read = 3.0, 4.0
+    for clean in (50.0, 500.0):  # (below ~10 photons no transform stabilises exactly)
+        noisy = gain * rng.poisson(clean / gain, 200_000) + rng.normal(0, read, 200_000)
+        m = NoiseModel(gain, read**2)
+        assert abs(np.var(m.gat(noisy)) - 1.0) < 0.06, clean
+
+
+def test_fit_noise_model_recovers_gain_and_offset():
+    rng = np.random.default_rng(1)
+    gain, read2, dark = 2.5, 9.0, 10.0
+    clean = rng.uniform(20, 400, (128, 128))
+    noisy = [
+        gain * rng.poisson((clean - dark) / gain) + dark + rng.normal(0, 3.0, clean.shape)
+        for _ in range(8)
+    ]
+    m = fit_noise_model([(n, clean) for n in noisy])
+    assert m.gain == pytest.approx(gain, rel=0.05)
+    # Var = gain * (clean - dark) + read^2 = gain * clean + (read^2 - gain * dark): the fitted
+    # line gives the variance across the data's range within a few per cent.
+    for x in (50.0, 150.0, 350.0):
+        truth = gain * x + read2 - gain * dark
+        assert m.gain * x + m.offset == pytest.approx(truth, rel=0.04), x
+
+
+def test_fit_noise_model_refuses_signal_independent_noise():
+    rng = np.random.default_rng(2)
+    clean = rng.uniform(0, 100, (64, 64))
+    noise = rng.normal(0, 1, clean.shape) * (12 - clean / 10)  # shrinks as the signal grows
+    with pytest.raises(ValueError, match="does not grow with the signal"):
+        fit_noise_model([(clean + noise, clean)])
+
+
+def test_normalization_with_a_noise_model_round_trips_and_serialises():
+    n = Normalization(1.0, 20.0, "percentile", NoiseModel(1.5, 0.5))
+    x = np.linspace(0.0, 300.0, 31)
+    np.testing.assert_allclose(n.invert(n.apply(x)), x, rtol=1e-9, atol=1e-9)
+    again = Normalization.from_dict(json.loads(n.to_json()))
+    assert again == n
+    # Works on JAX arrays inside jit too.
+    y = jax.jit(n.apply)(jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(np.asarray(y), n.apply(x), rtol=1e-5, atol=1e-5)
+    # Old model files (no noise model) still load.
+    assert Normalization.from_dict({"low": 0, "high": 1}).noise is None
+
+
+# ------------------------------------------------------------------------ the generator's output
+
+
+def test_gaussian_blur_equals_scipy_mirror_filter():
+    x = np.random.default_rng(3).random((2, 24, 40, 1)).astype(np.float32)
+    y = np.asarray(gaussian_blur(jnp.asarray(x), 1.3))
+    for i in range(2):
+        ref = ndimage.gaussian_filter(x[i, ..., 0].astype(np.float64), 1.3, mode="mirror",
+                                      truncate=3.0)  # fmt: skip
+        np.testing.assert_allclose(y[i, ..., 0], ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("residual", ["input", "smooth"])
+def test_residual_generator_adds_its_base_to_the_network(residual):
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(1, 16, 16, 1)), jnp.float32)
+    g = UNetGenerator(depth=3, ngf=4, output="linear", residual=residual, residual_sigma=1.2)
+    v = g.init(jax.random.key(0), x, train=False)
+    # The residual G starts as its base (last layer zero): give every weight a random value.
+    leaves, tree = jax.tree.flatten(v)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    v = jax.tree.unflatten(
+        tree, [a + 0.2 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)]
+    )
+    assert np.abs(np.asarray(g.apply(v, x, train=False)) - np.asarray(x)).max() > 1e-2
+    plain = UNetGenerator(depth=3, ngf=4, output="linear", residual="none")
+    base = x if residual == "input" else gaussian_blur(x, 1.2)
+    np.testing.assert_allclose(
+        g.apply(v, x, train=False), plain.apply(v, x, train=False) + base, atol=1e-6
+    )
+
+
+def test_an_untrained_residual_generator_is_its_base():
+    x = jnp.asarray(np.random.default_rng(8).normal(size=(2, 16, 16, 1)), jnp.float32)
+    g = UNetGenerator(depth=3, ngf=4, output="linear", residual="smooth", residual_sigma=1.0)
+    v = g.init(jax.random.key(0), x, train=False)
+    np.testing.assert_allclose(g.apply(v, x, train=False), gaussian_blur(x, 1.0), atol=1e-6)
+
+
+def test_linear_output_is_unbounded_and_tanh_is_not():
+    x = jnp.full((1, 16, 16, 1), 5.0, jnp.float32)
+    for output, bounded in (("tanh", True), ("linear", False)):
+        g = UNetGenerator(depth=3, ngf=4, output=output)
+        v = g.init(jax.random.key(0), x, train=False)
+        v = jax.tree.map(lambda a: a * 40.0, v)  # large weights: large pre-activations
+        y = np.asarray(g.apply(v, x, train=False))
+        assert (np.abs(y).max() <= 1.0) == bounded
+
+
+def test_bright_clean_targets_are_reproduced_without_clipping(tmp_path, tiny):
+    """A synthetic pair whose clean image reaches 1.5x the noisy 99.9th percentile: the own-data
+    recipe's normalisation and output layer represent it, and a briefly trained model predicts
+    intensities above that percentile (a tanh generator on the noisy percentiles cannot)."""
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[:64, :64]
+    clean = 10 + 200 * np.exp(-((yy - 32) ** 2 + (xx - 20) ** 2) / 60.0)
+    noisy = np.clip(clean + rng.normal(0, 8, (12, 64, 64)), 0, None)
+    noisy = np.minimum(noisy, np.percentile(noisy, 99.0))  # the noisy frames saturate earlier
+    p999 = np.percentile(noisy, 99.9)
+    clean = clean * (1.5 * p999 / clean.max())
+    assert clean.max() >= 1.5 * p999 - 1e-6
+    tifffile.imwrite(tmp_path / "noisy.tif", noisy.astype(np.float32))
+    tifffile.imwrite(tmp_path / "clean.tif", clean.astype(np.float32))
+    from clidim_jax.configs import own_data
+
+    c = own_data.get_config("tiny")
+    c.data.source = "paired"
+    c.data.noisy_path = str(tmp_path / "noisy.tif")
+    c.data.clean_path = str(tmp_path / "clean.tif")
+    c.data.test_noisy_path = str(tmp_path / "noisy.tif")
+    c.data.test_clean_path = str(tmp_path / "clean.tif")
+    c.train.n_epochs, c.train.n_epochs_decay, c.train.steps_per_epoch = 30, 10, 5
+    c.train.lr = 2e-3
+    run = train_lib.train(c, str(tmp_path / "run"))
+    norm = run.norm
+    # Every clean intensity maps inside the generator's range and back exactly.
+    np.testing.assert_allclose(norm.invert(norm.apply(clean)), clean, rtol=1e-6)
+    den = Denoiser(run.nets.generator, train_lib.local_generator_variables(run.state), norm)
+    pred = den(noisy[:2])
+    assert pred.max() > 1.2 * p999, (pred.max(), p999)
+    # The pix2pix setting (tanh on the noisy percentiles) is bounded by that percentile.
+    tanh_norm = Normalization.from_images([noisy], (0.1, 99.9))
+    assert tanh_norm.invert(1.0) <= 1.0001 * p999
+
+
+# ------------------------------------------------------------------- test-time augmentation
+
+
+class _ShiftNet:
+    """A deliberately non-symmetric 'generator': each output pixel is a weighted sum of its
+    right and lower neighbours, so every flip and turn gives a different prediction."""
+
+    depth = 2
+
+    def apply(self, variables, x, train=False):
+        return x + 0.5 * jnp.roll(x, -1, axis=2) + 0.25 * jnp.roll(x, -2, axis=1) ** 2
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 16), (3, 8, 20)])
+def test_tta_is_the_mean_of_the_eight_transformed_predictions(shape):
+    x = np.random.default_rng(6).random(shape).astype(np.float32)
+    norm = Normalization(0.0, 2.0)
+    plain = Denoiser(_ShiftNet(), None, norm, batch_size=4)
+    tta = Denoiser(_ShiftNet(), None, norm, batch_size=4, tta=True)
+    expected = np.mean(
+        [dihedral_inverse(plain(np.ascontiguousarray(dihedral(x, k, m))), k, m)
+         for k, m in DIHEDRAL],
+        axis=0,
+    )  # fmt: skip
+    got = tta(x)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert np.abs(got - plain(x)).max() > 1e-2  # the augmentation changes the prediction
+    assert len(set(DIHEDRAL)) == 8
+
+
+def test_dihedral_inverse_undoes_every_transform():
+    x = np.arange(2 * 3 * 5).reshape(2, 3, 5)
+    for k, m in DIHEDRAL:
+        np.testing.assert_array_equal(dihedral_inverse(dihedral(x, k, m), k, m), x)
+
+
+# ------------------------------------------------------------ checkpoint selection by validation
+
+
+def test_evaluate_denoise_and_export_use_the_best_validated_checkpoint(tmp_path, tiny):
+    c = tiny("pixel")
+    c.data.val_fraction = 0.25
+    c.checkpoint.every_steps = 2
+    c.checkpoint.keep = 1
+    c.train.n_epochs, c.train.n_epochs_decay = 3, 2  # 10 steps, validated at 2, 4, ..., 10
+    wd = str(tmp_path / "run")
+    train_lib.train(c, wd)
+    scores = {}
+    with open(os.path.join(wd, "metrics.jsonl"), encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            if "val/psnr" in row:
+                scores[row["step"]] = row["val/psnr"]
+    assert sorted(scores) == [2, 4, 6, 8, 10]
+    best = max(scores, key=lambda s: (scores[s], s))
+    restored = train_lib.restore_run(wd)
+    assert restored.step == best
+    assert "best validation PSNR" in restored.selected_by
+    assert int(restored.state.step) == best
+    latest = train_lib.restore_run(wd, select="latest")
+    assert latest.step == 10
+    from clidim_jax.evaluate import evaluate_run
+
+    result = evaluate_run(wd, quiet=True)
+    assert result["checkpoint"]["step"] == best
+    from clidim_jax.export import export_run
+
+    meta = export_run(wd, str(tmp_path / "m.clidim"))
+    assert meta["run"]["step"] == best
+
+
+def test_a_run_without_validation_uses_its_final_state(tmp_path, tiny):
+    c = tiny("pixel")
+    wd = str(tmp_path / "run")
+    result = train_lib.train_and_evaluate(c, wd)
+    assert result["checkpoint"]["step"] == 6
+    assert "final" in result["checkpoint"]["selected_by"]
+    assert train_lib.restore_run(wd).selected_by == "latest checkpoint"
+
+
+def test_validation_pairs_from_files(tmp_path, tiny):
+    rng = np.random.default_rng(7)
+    clean = rng.uniform(0, 100, (48, 48)).astype(np.float32)
+    for name in ("tr", "va"):
+        noisy = (clean + rng.normal(0, 5, (3, 48, 48))).astype(np.float32)
+        tifffile.imwrite(tmp_path / f"{name}_n.tif", noisy, photometric="minisblack")
+        tifffile.imwrite(tmp_path / f"{name}_c.tif", clean)
+    from clidim_jax.data.datasets import load_splits
+
+    c = tiny("pixel")
+    c.data.source = "paired"
+    c.data.noisy_path, c.data.clean_path = str(tmp_path / "tr_n.tif"), str(tmp_path / "tr_c.tif")
+    c.data.test_noisy_path, c.data.test_clean_path = c.data.noisy_path, c.data.clean_path
+    c.data.val_noisy_path, c.data.val_clean_path = (
+        str(tmp_path / "va_n.tif"), str(tmp_path / "va_c.tif"))  # fmt: skip
+    train, val, test = load_splits(c.data)
+    assert len(val) == 3 and val.min_size == (48, 48)
+    c.data.val_fraction = 0.2  # the files take precedence over a validation region
+    train2, val2, _ = load_splits(c.data)
+    assert len(val2) == 3 and train2.min_size == (48, 48)
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("model.output", "relu", "model.output"),
+        ("model.residual", "yes", "model.residual"),
+        ("data.vst", "anscombe", "data.vst"),
+        ("data.gain_augment", (2.0, 1.0), "gain_augment"),
+        ("model.residual_sigma", 0.0, "residual_sigma"),
+    ],
+)
+def test_new_config_values_are_validated(tiny, field, value, message):
+    c = tiny()
+    group, name = field.split(".")
+    c[group][name] = value
+    with pytest.raises(ConfigError, match=message):
+        validate(c)
