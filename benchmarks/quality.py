@@ -45,7 +45,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 from clidim_jax import metrics  # noqa: E402
-from clidim_jax.data.normalization import fit_noise_model  # noqa: E402
+from clidim_jax.data.normalization import NoiseModel, fit_noise_model  # noqa: E402
 
 ABLATIONS = ("l1", "baseline", "tv", "ssim", "cl", "cl_tv_ssim")
 SIGMAS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
@@ -76,11 +76,7 @@ def prepare(data: str, out: str) -> dict:
 def pairs(fields: dict) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(field, noisy frame, ground truth) for every frame, fields in sorted order (the order
     clidim-jax's paired folders use)."""
-    return [
-        (name, frame, gt)
-        for name, (noisy, gt) in sorted(fields.items())
-        for frame in noisy
-    ]
+    return [(name, frame, gt) for name, (noisy, gt) in sorted(fields.items()) for frame in noisy]
 
 
 def score(test: list, preds: list[np.ndarray]) -> dict:
@@ -108,8 +104,13 @@ def gaussian_row(val: list, test: list) -> tuple[dict, list]:
         ),
     )
     tune = time.perf_counter() - t0
+    val_psnr = np.mean(
+        [metrics.psnr(g, ndimage.gaussian_filter(n.astype(np.float64), best)) for _, n, g in val]
+    )
     preds = [ndimage.gaussian_filter(n.astype(np.float64), best) for _, n, _ in test]
-    return {"setting": f"sigma {best:g} (best on validation of {SIGMAS})", "tune_s": tune}, preds
+    info = {"setting": f"sigma {best:g} (best on validation of {SIGMAS})", "tune_s": tune,
+            "val_psnr": float(val_psnr)}  # fmt: skip
+    return info, preds
 
 
 def unbiased_inverse_table(model, top: float) -> tuple[np.ndarray, np.ndarray]:
@@ -118,7 +119,8 @@ def unbiased_inverse_table(model, top: float) -> tuple[np.ndarray, np.ndarray]:
     model, to be inverted by interpolation. The model Var = gain * x + offset is read as
     x = gain * (P + d) + N(0, s^2) with P ~ Poisson, d >= 0 a dark level and s^2 >= 0."""
     a, b = model.gain, model.offset
-    s2, d = (b, 0.0) if b >= 0 else (0.0, -b / a)  # in units of x: N's variance, dark level
+    # b >= 0: s^2 = b, d = 0; b < 0: s^2 = 0 and Var = gain^2 * (x / gain - d) gives d = -b / gain^2
+    s2, d = (b, 0.0) if b >= 0 else (0.0, -b / a**2)
     hx, hw = np.polynomial.hermite_e.hermegauss(24)  # E over a standard normal
     hw = hw / hw.sum()
     xs = np.linspace(max(d * a, 0.0) + 1e-3, top, 600)
@@ -136,40 +138,56 @@ def unbiased_inverse_table(model, top: float) -> tuple[np.ndarray, np.ndarray]:
 def bm3d_row(val: list, test: list, workers: int) -> tuple[dict, list]:
     """BM3D on the generalized Anscombe transform of the image (noise of unit variance there),
     the noise model fitted on the validation pairs, the strength (a factor on the unit sigma)
-    chosen on validation, and the exact unbiased inverse."""
-    import bm3d
+    chosen on validation, and the inverse (the exact unbiased one, or the algebraic one) chosen
+    on validation too."""
+    import bm3d  # noqa: F401  (fail before any work when the package is missing)
 
     t0 = time.perf_counter()
     model = fit_noise_model([(n, g) for _, n, g in val])
     top = float(max(n.max() for _, n, _ in test + val)) * 1.5
     ey, xs = unbiased_inverse_table(model, top)
 
-    def run(noisy: np.ndarray, factor: float) -> np.ndarray:
-        z = model.gat(noisy.astype(np.float64))
-        d = bm3d.bm3d(z, sigma_psd=factor)
-        return np.interp(d, ey, xs)
+    inverses = {"exact unbiased": lambda d: np.interp(d, ey, xs), "algebraic": model.gat_inverse}
 
-    factors = (0.8, 0.9, 1.0, 1.1, 1.25)
-    scores = {
-        f: np.mean([metrics.psnr(g, run(n, f)) for _, n, g in val]) for f in factors
-    }
-    factor = max(scores, key=scores.get)
+    def transformed(images: list[np.ndarray], factor: float) -> list[np.ndarray]:
+        jobs = [(model.gain, model.offset, n, factor) for n in images]
+        return _parallel_map(_bm3d_gat, jobs, workers)
+
+    factors = (0.9, 1.0, 1.1)
+    scores = {}
+    for f in factors:
+        ds = transformed([n for _, n, _ in val], f)
+        for name, inv in inverses.items():
+            scores[(f, name)] = np.mean([metrics.psnr(g, inv(d)) for (_, _, g), d in zip(val, ds)])
+    factor, inverse = max(scores, key=scores.get)
     tune = time.perf_counter() - t0
-    preds = _parallel_map(lambda n: run(n, factor), [n for _, n, _ in test], workers)
+    inv = inverses[inverse]
+    preds = [inv(d) for d in transformed([n for _, n, _ in test], factor)]
     setting = (
         f"GAT with Var = {model.gain:.4g} x + {model.offset:.4g} (fitted on validation), "
-        f"sigma {factor:g} (best on validation of {factors}), exact unbiased inverse"
+        f"sigma {factor:g} of {factors} and the {inverse} inverse (best on validation)"
     )
-    return {"setting": setting, "tune_s": tune}, preds
+    return {"setting": setting, "tune_s": tune, "val_psnr": float(scores[factor, inverse])}, preds
+
+
+def _bm3d_gat(job: tuple) -> np.ndarray:
+    """BM3D (unit noise) of the GAT of an image; a top-level function for worker processes."""
+    import bm3d
+
+    gain, offset, noisy, factor = job
+    return bm3d.bm3d(NoiseModel(gain, offset).gat(noisy.astype(np.float64)), sigma_psd=factor)
 
 
 def _parallel_map(f, items, workers: int) -> list:
     if workers <= 1:
         return [f(x) for x in items]
-    from concurrent.futures import ThreadPoolExecutor
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
-    with ThreadPoolExecutor(workers) as ex:  # (bm3d's C code releases the GIL)
-        return list(ex.map(f, items))
+    # Processes: bm3d's native thread pool is not safe to enter from several threads.
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
+        return list(ex.map(f, items, chunksize=max(1, len(items) // (4 * workers))))
 
 
 # ------------------------------------------------------------------------------ learned peers
@@ -296,9 +314,8 @@ def figure(path: str, test: list, preds: dict, index: int, box: tuple[int, int, 
     fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.0))
     for ax, (name, img) in zip(axes, panels):
         ax.imshow(img[y : y + s, x : x + s], cmap="magma", vmin=vmin, vmax=vmax)
-        title = name if name in ("noisy", "ground truth") else name
         p = metrics.psnr(gt, img) if name != "ground truth" else None
-        ax.set_title(f"{title}\n{p:.2f} dB" if p else title, fontsize=9)
+        ax.set_title(f"{name}\n{p:.2f} dB" if p else name, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(f"{field}, frame {index % 50}, crop [{y}:{y + s}, {x}:{x + s}]", fontsize=10)
@@ -334,10 +351,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="folder with fov0N_raw.tif / fov0N_gt.tif")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--rows", default="noisy,gaussian,bm3d,care,recipe,ablations,demo")
+    ap.add_argument(
+        "--rows",
+        default="noisy,gaussian,bm3d,care,recipe,ablations,demo",
+        help="comma-separated rows to measure (others are kept from OUT/results.json); "
+        "'figure' redraws the figures only",
+    )
     ap.add_argument("--care-python", default="", help="Python of a venv with careamics")
     ap.add_argument("--care-minutes", type=float, default=10.0)
-    ap.add_argument("--ablation-steps", type=int, default=1000)
+    ap.add_argument("--ablation-steps", type=int, default=500)
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
     rows = args.rows.split(",")
@@ -350,7 +372,8 @@ def main() -> None:
     splits = prepare(args.data, args.out)
     val, test = pairs(splits["val"]), pairs(splits["test"])
     fields = sorted(splits["test"])
-    preds: dict[str, list] = {}
+    shown_index = len(test) - 25  # the figure's image: field 4, frame 25
+    os.makedirs(os.path.join(args.out, "shown"), exist_ok=True)
 
     def save() -> None:
         with open(res_path, "w", encoding="utf-8") as f:
@@ -358,8 +381,10 @@ def main() -> None:
 
     def record(name: str, info: dict, p: list | None) -> None:
         if p is not None:
-            preds[name] = p
             info.update(score(test, p))
+            if name != "noisy input":  # the figure's image, for a later figure-only run
+                np.save(os.path.join(args.out, "shown", f"{len(results):02d} {name}.npy"),
+                        np.asarray(p[shown_index], np.float32))  # fmt: skip
         elif "csv" in info:
             v = info.pop("csv")
             info["psnr"] = float(np.mean([a for a, _ in v]))
@@ -391,16 +416,28 @@ def main() -> None:
         record("CARE (CAREamics defaults)", info, p)
     if "recipe" in rows:
         info, _ = clidim_row(args.out, "recipe", "own_data", [])
-        info["setting"] = "configs/own_data.py (the README's own-data recipe)"
+        info["setting"] = "configs/own_data.py, the README's own-data recipe"
         record("clidim-jax own_data", info, None)
     if "ablations" in rows:
+        # The paper's loss terms on the recipe's model, data and optimizer, one common budget:
+        # pix2pix's L1 (weight 100) in place of the recipe's L2, plus each variant's terms.
+        epochs = max(1, args.ablation_steps // 20)
         for v in ABLATIONS:
-            over = [f"--config.train.steps={args.ablation_steps}"]
-            if v == "l1":
-                over += ["--config.loss." + k + "=0" for k in ("gan", "ssim", "tv", "contrastive")]
-            info, _ = clidim_row(args.out, f"ablation_{v}", f"own_data:variant={v}"
-                                 if v != "l1" else "own_data:variant=baseline", over)  # fmt: skip
-            info["setting"] = f"own_data, variant {v}, {args.ablation_steps} steps, no TTA"
+            over = [f"--config.train.n_epochs={epochs}", f"--config.train.n_epochs_decay={epochs}",
+                    "--config.loss.l1=100", "--config.loss.l2=0"]  # fmt: skip
+            preset = f"own_data:variant={'pixel' if v == 'l1' else v}"
+            what = "L1 alone" if v == "l1" else f"GAN + L1 + the {v} terms"
+            try:
+                info, _ = clidim_row(args.out, f"ablation_{v}", preset, over)
+            except RuntimeError as e:  # e.g. a diverged GAN: report it, measure the rest
+                results[f"ablation {v}"] = {
+                    "setting": f"{preset} ({what}): failed",
+                    "error": str(e),
+                }
+                save()
+                print(f"ablation {v} failed:\n{e}", flush=True)
+                continue
+            info["setting"] = f"{preset} ({what}), {2 * epochs * 10} steps"
             record(f"ablation {v}", info, None)
     if "demo" in rows:
         info, _ = clidim_row(args.out, "demo", "demo", [], test_data=False)
@@ -412,6 +449,20 @@ def main() -> None:
         )
         results["demo"] = info
         save()
+    if "recipe" in rows or "figure" in rows:
+        from clidim_jax.denoise import denoiser_from_run
+        from clidim_jax.evaluate import zoom_box
+
+        shown = {}
+        for fname in sorted(os.listdir(os.path.join(args.out, "shown"))):
+            shown[fname[3:-4]] = {shown_index: np.load(os.path.join(args.out, "shown", fname))}
+        den = denoiser_from_run(os.path.join(args.out, "runs", "recipe"))
+        shown["clidim-jax own_data"] = {shown_index: den(test[shown_index][1])}
+        box = zoom_box(test[shown_index][2])
+        figure(os.path.join(args.out, "figure.png"), test, shown, shown_index, box)
+        curves = {k: v for k, v in results.items() if v.get("val_curve")}
+        peers = {k: v["val_psnr"] for k, v in results.items() if "val_psnr" in v}
+        curve(os.path.join(args.out, "curve.png"), curves, peers)
     with open(os.path.join(args.out, "table.md"), "w", encoding="utf-8") as f:
         f.write(table(results, fields))
     print(table(results, fields))

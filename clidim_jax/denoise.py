@@ -154,17 +154,21 @@ class ProgressLine:
 
 
 def _warn_out_of_range(path: str, plane: np.ndarray, denoiser: Denoiser) -> None:
-    """G ends in tanh: intensities far outside the training data's range saturate. Say so."""
+    """Intensities far outside the training data's range: a tanh G saturates there, and no G
+    has seen them. Say so (measured in the model's space, so it holds with a VST too)."""
     norm = getattr(denoiser, "norm", None)
     if norm is None:
         return
-    lo, hi = norm.low, norm.high
-    outside = float(np.mean((plane < lo - 0.5 * (hi - lo)) | (plane > hi + 0.5 * (hi - lo))))
+    y = np.asarray(norm.apply(plane.astype(np.float64)))
+    outside = float(np.mean(np.abs(y) > 2.0))  # half the training range beyond either end
     if outside > 0.05:
+        bounded = getattr(denoiser.generator, "output", "tanh") == "tanh"
+        lo, hi = norm.invert(-1.0), norm.invert(1.0)
         print(
             f"warning: {100 * outside:.0f}% of the pixels of {path} (plane 1) lie far outside the "
-            f"intensity range the model was trained on ({lo:g} to {hi:g}); the output saturates "
-            "there. Use a model trained on data like this one.",
+            f"intensity range the model was trained on ({lo:g} to {hi:g}); "
+            + ("the output saturates there. " if bounded else "")
+            + "Use a model trained on data like this one.",
             file=sys.stderr,
         )
 

@@ -164,7 +164,7 @@ def dihedral_mean(f: Callable, x: jax.Array) -> jax.Array:
     groups = ([t for t in DIHEDRAL if t[0] % 2 == 0], [t for t in DIHEDRAL if t[0] % 2 == 1])
     if x.shape[1] == x.shape[2]:
         groups = (DIHEDRAL,)
-    total = jnp.zeros(x.shape[:3] + (1,), jnp.float32)
+    total = jnp.zeros((*x.shape[:3], 1), jnp.float32)
     for ts in groups:
         y = f(jnp.concatenate([dihedral(x, k, m) for k, m in ts], axis=0))
         for i, (k, m) in enumerate(ts):

@@ -32,8 +32,8 @@ from clidim_jax.checkpointing import (
     nonfinite_leaves,
 )
 from clidim_jax.data import DataError, Normalization, PairedImages
-from clidim_jax.data.normalization import fit_noise_model, percentiles
 from clidim_jax.data.datasets import load_splits
+from clidim_jax.data.normalization import fit_noise_model, percentiles
 from clidim_jax.evaluate import evaluate, format_result
 from clidim_jax.inference import Denoiser
 from clidim_jax.sharding import (
@@ -85,8 +85,9 @@ def compute_normalization(config: ml_collections.ConfigDict, train: PairedImages
         except ValueError as e:
             raise DataError(f"{train.name}: {e}") from None
     transform = noise.gat if noise is not None else (lambda x: x)
-    lo, hi = percentiles((transform(np.asarray(a, np.float32)) for a in train.iter_noisy()),
-                         tuple(d.percentiles))
+    lo, hi = percentiles(
+        (transform(np.asarray(a, np.float32)) for a in train.iter_noisy()), tuple(d.percentiles)
+    )
     if d.normalization == "range":
         # Every clean training intensity inside [-1, 1], with headroom above the brightest.
         top = max(float(transform(np.float32(c.max()))) for c in train.iter_clean())

@@ -264,7 +264,7 @@ def test_validation_pairs_from_files(tmp_path, tiny):
     c.data.test_noisy_path, c.data.test_clean_path = c.data.noisy_path, c.data.clean_path
     c.data.val_noisy_path, c.data.val_clean_path = (
         str(tmp_path / "va_n.tif"), str(tmp_path / "va_c.tif"))  # fmt: skip
-    train, val, test = load_splits(c.data)
+    _, val, _ = load_splits(c.data)
     assert len(val) == 3 and val.min_size == (48, 48)
     c.data.val_fraction = 0.2  # the files take precedence over a validation region
     train2, val2, _ = load_splits(c.data)

@@ -146,7 +146,9 @@ class UNetGenerator(nn.Module):
             y = jnp.tanh(y)
         y = y.astype(jnp.float32)
         if self.residual not in RESIDUALS:
-            raise ValueError(f"residual must be one of {', '.join(RESIDUALS)}, got {self.residual!r}")
+            raise ValueError(
+                f"residual must be one of {', '.join(RESIDUALS)}, got {self.residual!r}"
+            )
         if self.residual != "none":
             if x.shape[-1] != self.out_channels:
                 raise ValueError(

@@ -1,0 +1,116 @@
+"""One exploration run of the quality protocol: train a preset with config overrides on field 1,
+then report validation PSNR (field 2, frames 0-3, which chose the checkpoint) and a quick look at
+fields 3 and 4 (frames 0-4 each). How QUALITY.md's "what was tried" list was measured; the
+table itself comes from `quality.py`, which runs every row the way a user would.
+
+    python benchmarks/quality_explore.py --data ../shared/data/fmd_confocal_bpae_b \\
+        --out runs/explore --name l2_smooth -- model.residual=smooth loss.l2=100 ...
+
+Overrides are `FIELD=VALUE` on `--preset` (default demo: the recipe of the quality issue's
+report); `tta=1` evaluates with test-time augmentation. Appends one JSON line per run to
+OUT/results.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import tifffile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from clidim_jax import metrics  # noqa: E402
+from clidim_jax import train as train_lib  # noqa: E402
+from clidim_jax.inference import Denoiser  # noqa: E402
+
+
+def write_splits(data: str, out: str) -> str:
+    d = os.path.join(out, "data")
+    parts = {
+        "train": [("fov01", slice(0, 16))],
+        "val": [("fov02", slice(0, 4))],
+        "testq": [("fov03", slice(0, 5)), ("fov04", slice(0, 5))],
+    }
+    for split, fields in parts.items():
+        for kind in ("noisy", "clean"):
+            os.makedirs(os.path.join(d, f"{split}_{kind}"), exist_ok=True)
+        for name, sl in fields:
+            raw = tifffile.imread(os.path.join(data, f"{name}_raw.tif"))[sl]
+            tifffile.imwrite(os.path.join(d, f"{split}_noisy", f"{name}.tif"), raw)
+            gt = tifffile.imread(os.path.join(data, f"{name}_gt.tif"))
+            tifffile.imwrite(os.path.join(d, f"{split}_clean", f"{name}.tif"), gt)
+    return d
+
+
+def load(d: str, split: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    out = []
+    for f in sorted(os.listdir(os.path.join(d, f"{split}_noisy"))):
+        raw = tifffile.imread(os.path.join(d, f"{split}_noisy", f))
+        gt = tifffile.imread(os.path.join(d, f"{split}_clean", f)).astype(np.float64)
+        out += [(f, r, gt) for r in raw]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--preset", default="demo")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    import importlib
+
+    d = write_splits(args.data, args.out)
+    c = importlib.import_module(f"clidim_jax.configs.{args.preset}").get_config()
+    c.data.source = "paired"
+    c.data.noisy_path, c.data.clean_path = f"{d}/train_noisy", f"{d}/train_clean"
+    c.data.val_noisy_path, c.data.val_clean_path = f"{d}/val_noisy", f"{d}/val_clean"
+    c.data.test_noisy_path, c.data.test_clean_path = f"{d}/testq_noisy", f"{d}/testq_clean"
+    c.data.val_fraction = 0.0
+    c.checkpoint.every_steps = 250
+    tta = False
+    for o in args.overrides:
+        k, v = o.split("=", 1)
+        if k == "tta":
+            tta = v == "1"
+            continue
+        node = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v if isinstance(node[leaf], str) else type(node[leaf])(ast.literal_eval(v))
+    wd = os.path.join(args.out, "runs", args.name)
+    shutil.rmtree(wd, ignore_errors=True)
+    t0 = time.perf_counter()
+    run = train_lib.train(c, wd)
+    train_s = time.perf_counter() - t0
+    best = train_lib.restore_run(wd)
+    variables = train_lib.generator_variables(best.state)
+    den = Denoiser(best.nets.generator, variables, best.norm, 4, tta=tta)
+    res = {"name": args.name, "overrides": args.overrides, "train_s": round(train_s, 1),
+           "steps": run.step, "checkpoint": best.step}  # fmt: skip
+    for split in ("val", "testq"):
+        data = load(d, split)
+        preds = den(np.stack([r for _, r, _ in data]))
+        ps = [metrics.psnr(g, p) for (_, _, g), p in zip(data, preds)]
+        res[split] = round(float(np.mean(ps)), 3)
+        for f in sorted({f for f, _, _ in data}):
+            res[f"{split}_{f[:-4]}"] = round(
+                float(np.mean([p for (ff, _, _), p in zip(data, ps) if ff == f])), 2
+            )
+    print("RESULT", json.dumps(res), flush=True)
+    with open(os.path.join(args.out, "results.jsonl"), "a", encoding="utf-8") as f:
+        f.write(json.dumps(res) + "\n")
+
+
+if __name__ == "__main__":
+    main()
