@@ -56,6 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
     # by a Gaussian of residual_sigma pixels): the network predicts a correction of the base.
     c.model.residual = "none"
     c.model.residual_sigma = 1.0
+    # No additive constant anywhere in G (needs norm none, output linear): G(s x) = s G(x), so
+    # with data.normalization=scale predictions scale with the image's brightness.
+    c.model.bias_free = False
 
     c.data = ml_collections.ConfigDict()
     # demo | stack | paired | convallaria | actin | skull (clidim_jax/data/datasets.py)
@@ -87,7 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
     # of the noisy images and the brightest clean pixel, plus `headroom`) | reference (the
     # reference code's per-batch min-max of noisy and clean).
     c.data.normalization = "percentile"
-    c.data.percentiles = (0.1, 99.9)  # of the noisy training images
+    c.data.percentiles = (0.1, 99.9)  # of the noisy training images; scale: (the low one -> 0,
+    # the high one -> 2, so that zero is the dark level and brightness is a multiplication)
     c.data.headroom = 0.5  # range: room above the brightest clean pixel, as a fraction
     # Variance-stabilising transform before the mapping: none | gat (generalized Anscombe, with
     # a Poisson-Gaussian noise model fitted on the training pairs).
@@ -188,7 +192,7 @@ _CHOICES = {
     "model.residual": ("none", "input", "smooth"),
     "data.source": ("demo", "stack", "paired", "convallaria", "actin", "skull"),
     "data.ground_truth": ("mean", "mean_uint16"),
-    "data.normalization": ("percentile", "range", "reference"),
+    "data.normalization": ("percentile", "scale", "range", "reference"),
     "data.vst": ("none", "gat"),
     "loss.contrastive_loss": ("infonce", "ntxent"),
 }
@@ -233,6 +237,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     g = tuple(c.data.gain_augment)
     if len(g) != 2 or not 0 < g[0] <= g[1]:
         raise ConfigError(f"config.data.gain_augment={g} must be (low, high) with 0 < low <= high")
+    if c.model.bias_free and (c.model.norm != "none" or c.model.output != "linear"):
+        raise ConfigError("config.model.bias_free needs model.norm=none and model.output=linear")
     if c.model.residual_sigma <= 0:
         raise ConfigError(f"config.model.residual_sigma={c.model.residual_sigma} must be > 0")
     if c.data.headroom < 0:

@@ -160,10 +160,11 @@ def _warn_out_of_range(path: str, plane: np.ndarray, denoiser: Denoiser) -> None
     if norm is None:
         return
     y = np.asarray(norm.apply(plane.astype(np.float64)))
-    outside = float(np.mean(np.abs(y) > 2.0))  # half the training range beyond either end
+    lo_y = getattr(norm, "shift", -1.0)  # the training range is [lo_y, lo_y + 2]
+    outside = float(np.mean((y < lo_y - 1.0) | (y > lo_y + 3.0)))  # half of it beyond an end
     if outside > 0.05:
         bounded = getattr(denoiser.generator, "output", "tanh") == "tanh"
-        lo, hi = norm.invert(-1.0), norm.invert(1.0)
+        lo, hi = norm.invert(lo_y), norm.invert(lo_y + 2.0)
         print(
             f"warning: {100 * outside:.0f}% of the pixels of {path} (plane 1) lie far outside the "
             f"intensity range the model was trained on ({lo:g} to {hi:g}); "

@@ -81,6 +81,7 @@ def build_networks(config: ml_collections.ConfigDict) -> Networks:
             output=m.get("output", "tanh"),
             residual=str(m.get("residual", "none")),
             residual_sigma=float(m.get("residual_sigma", 1.0)),
+            bias_free=bool(m.get("bias_free", False)),
         ),
         discriminator=PatchGANDiscriminator(
             ndf=m.ndf, n_layers=m.d_layers, norm=m.norm, dtype=dtype

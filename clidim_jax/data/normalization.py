@@ -113,11 +113,12 @@ def fit_noise_model(pairs: Iterable[tuple[np.ndarray, np.ndarray]], bins: int = 
 
 @dataclasses.dataclass(frozen=True)
 class Normalization:
-    """x -> 2 (v(x) - low) / (high - low) - 1, where v is the identity or, with a noise model,
+    """x -> 2 (v(x) - low) / (high - low) - 1 (or + 0, mode "scale"), where v is the identity or, with a noise model,
     its generalized Anscombe transform; low/high come from statistics of the training images.
 
     `mode` says how low/high were chosen: "percentile" (percentiles of the noisy training
-    images, the pix2pix-style default), "range" (the noisy training images' low percentile and
+    images, the pix2pix-style default; "scale" is the same mapping shifted so that `low`, the
+    dark level, lands on 0), "range" (the noisy training images' low percentile and
     the clean training images' maximum, plus headroom: every training target is representable
     and brighter test images stay in a range the model has seen), or "reference" (runs that
     reproduce the reference code, which instead uses a batch min-max of noisy and clean during
@@ -141,14 +142,20 @@ class Normalization:
             hi = lo + 1.0  # a constant image: any positive scale is exact
         return cls(lo, hi, mode)
 
+    @property
+    def shift(self) -> float:
+        """Where `low` lands: -1, or 0 for mode "scale" (zero = the dark level, so brightness
+        is a multiplication and a homogeneous G treats it as one)."""
+        return 0.0 if self.mode == "scale" else -1.0
+
     def apply(self, x):
         """Works on NumPy and JAX arrays alike (also inside jit)."""
         if self.noise is not None:
             x = self.noise.gat(x)
-        return (x - self.low) * (2.0 / (self.high - self.low)) - 1.0
+        return (x - self.low) * (2.0 / (self.high - self.low)) + self.shift
 
     def invert(self, y):
-        x = (y + 1.0) * ((self.high - self.low) / 2.0) + self.low
+        x = (y - self.shift) * ((self.high - self.low) / 2.0) + self.low
         if self.noise is not None:
             x = self.noise.gat_inverse(x)
         return x

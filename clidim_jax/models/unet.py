@@ -68,6 +68,12 @@ class UNetGenerator(nn.Module):
     starting point; either way structures brighter than anything in training pass through.
     Needs out_channels == input channels. "none": pix2pix.
 
+    `bias_free=True` (Mohan et al., ICLR 2020) drops the one additive constant left without
+    normalisation layers, the last layer's bias: with norm="none" and a linear output G is then
+    positively homogeneous, G(s x) = s G(x) for s > 0, so a brighter image gets a
+    proportionally brighter prediction instead of the extrapolation of a network that has
+    never seen such intensities.
+
     Parameters are float32; the computation runs in `dtype`; the output is float32.
     Input: NHWC with any channel count; H and W must be divisible by 2**depth.
     """
@@ -81,6 +87,7 @@ class UNetGenerator(nn.Module):
     output: str = "tanh"
     residual: str = "none"
     residual_sigma: float = 1.0
+    bias_free: bool = False
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool) -> Array:
@@ -100,6 +107,8 @@ class UNetGenerator(nn.Module):
             )
         inner = self.depth - 1
         bias = norm_uses_bias(self.norm)
+        if self.bias_free and (self.norm != "none" or self.output != "linear"):
+            raise ValueError("a bias-free generator needs norm='none' and output='linear'")
 
         def conv(i: int) -> Conv4x4:
             return Conv4x4(
@@ -140,7 +149,11 @@ class UNetGenerator(nn.Module):
         # (a random correction of a few tenths would first undo what the base gives).
         last_init = nn.initializers.zeros_init() if self.residual != "none" else normal_init(0.02)
         y = ConvTranspose4x4(
-            self.out_channels, use_bias=True, kernel_init=last_init, dtype=self.dtype, name="up0"
+            self.out_channels,
+            use_bias=not self.bias_free,
+            kernel_init=last_init,
+            dtype=self.dtype,
+            name="up0",
         )(y)
         if self.output == "tanh":
             y = jnp.tanh(y)
