@@ -1,7 +1,7 @@
 """One exploration run of the quality protocol: train a preset with config overrides on field 1,
 then report validation PSNR (field 2, frames 0-3, which chose the checkpoint) and a quick look at
-fields 3 and 4 (frames 0-4 each). How QUALITY.md's "what was tried" list was measured; the
-table itself comes from `quality.py`, which runs every row the way a user would.
+fields 3 and 4 (frames 0, 10, .., 40 of each). How QUALITY.md's "what was tried" list was
+measured; the table itself comes from `quality.py`, which runs every row as a user would.
 
     python benchmarks/quality_explore.py --data ../shared/data/fmd_confocal_bpae_b \\
         --out runs/explore --name l2_smooth -- model.residual=smooth loss.l2=100 ...
@@ -37,16 +37,19 @@ def write_splits(data: str, out: str) -> str:
     parts = {
         "train": [("fov01", slice(0, 16))],
         "val": [("fov02", slice(0, 4))],
-        "testq": [("fov03", slice(0, 5)), ("fov04", slice(0, 5))],
+        "testq": [("fov03", slice(0, 50, 10)), ("fov04", slice(0, 50, 10))],
     }
     for split, fields in parts.items():
         for kind in ("noisy", "clean"):
             os.makedirs(os.path.join(d, f"{split}_{kind}"), exist_ok=True)
         for name, sl in fields:
-            raw = tifffile.imread(os.path.join(data, f"{name}_raw.tif"))[sl]
-            tifffile.imwrite(os.path.join(d, f"{split}_noisy", f"{name}.tif"), raw)
-            gt = tifffile.imread(os.path.join(data, f"{name}_gt.tif"))
-            tifffile.imwrite(os.path.join(d, f"{split}_clean", f"{name}.tif"), gt)
+            for kind, src in (("noisy", "raw"), ("clean", "gt")):
+                dst = os.path.join(d, f"{split}_{kind}", f"{name}.tif")
+                if not os.path.exists(dst):  # (written once; concurrent runs share it)
+                    img = tifffile.imread(os.path.join(data, f"{name}_{src}.tif"))
+                    tmp = f"{dst}.{os.getpid()}.tmp"
+                    tifffile.imwrite(tmp, img[sl] if kind == "noisy" else img)
+                    os.replace(tmp, dst)
     return d
 
 

@@ -99,6 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Intensity augmentation: every training crop pair times a gain drawn log-uniformly from
     # this range (1, 1: off).
     c.data.gain_augment = (1.0, 1.0)
+    # Foreground-weighted crops: draw this many positions per crop and keep the brightest (by
+    # the clean image): more of the (rare, error-dominating) bright structures. 1: uniform.
+    c.data.crop_tries = 1
     c.data.augment = True  # random hflip + rot90 of training crops
     # Validation region for choosing the best checkpoint: this fraction of the columns, taken
     # from the right edge of the training region (never the test split). 0: no validation.
@@ -241,6 +244,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ConfigError("config.model.bias_free needs model.norm=none and model.output=linear")
     if c.model.residual_sigma <= 0:
         raise ConfigError(f"config.model.residual_sigma={c.model.residual_sigma} must be > 0")
+    if c.data.crop_tries < 1:
+        raise ConfigError(f"config.data.crop_tries={c.data.crop_tries} must be at least 1")
     if c.data.headroom < 0:
         raise ConfigError(f"config.data.headroom={c.data.headroom} must be >= 0")
     if c.data.normalization == "reference" and c.data.vst != "none":

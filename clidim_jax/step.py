@@ -232,6 +232,7 @@ def make_sampled_train_step(
             patch_size=config.data.patch_size,
             augment=config.data.augment,
             order=data.get("order"),
+            crop_tries=int(config.data.get("crop_tries", 1)),
         )
         gain_range = tuple(config.data.gain_augment)
         if gain_range != (1.0, 1.0):

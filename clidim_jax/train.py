@@ -179,6 +179,7 @@ FIXED_ON_RESUME = (
     "data.headroom",
     "data.vst",
     "data.gain_augment",
+    "data.crop_tries",
     "loss.head_features",
 )
 

@@ -287,3 +287,55 @@ def test_new_config_values_are_validated(tiny, field, value, message):
     c[group][name] = value
     with pytest.raises(ConfigError, match=message):
         validate(c)
+
+
+# ------------------------------------------------------------ bias-free G, scale, bright crops
+
+
+def _randomised(v, seed: int = 1):
+    leaves, tree = jax.tree.flatten(v)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(
+        tree, [a + 0.2 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)]
+    )
+
+
+def test_a_bias_free_generator_is_positively_homogeneous():
+    x = jnp.asarray(np.random.default_rng(9).random((2, 16, 16, 1)), jnp.float32)
+    for bias_free in (True, False):
+        g = UNetGenerator(depth=3, ngf=4, norm="none", output="linear", residual="smooth",
+                          bias_free=bias_free)  # fmt: skip
+        v = _randomised(g.init(jax.random.key(0), x, train=False))
+        y, y3 = g.apply(v, x, train=False), g.apply(v, 3.0 * x, train=False)
+        homogeneous = np.allclose(np.asarray(y3), 3.0 * np.asarray(y), rtol=1e-4, atol=1e-5)
+        assert homogeneous == bias_free
+    with pytest.raises(ValueError, match="bias-free"):
+        UNetGenerator(depth=3, ngf=4, norm="batch", output="linear", bias_free=True).init(
+            jax.random.key(0), x, train=False
+        )
+
+
+def test_scale_normalisation_puts_the_dark_level_at_zero():
+    n = Normalization(3.0, 103.0, "scale")
+    np.testing.assert_allclose(n.apply(np.array([3.0, 53.0, 103.0])), [0.0, 1.0, 2.0])
+    x = np.linspace(0.0, 500.0, 11)
+    np.testing.assert_allclose(n.invert(n.apply(x)), x, rtol=1e-12)
+    # Brightness above the dark level is a multiplication in the model's space.
+    np.testing.assert_allclose(n.apply(3.0 + 2 * (x - 3.0)), 2 * n.apply(x), rtol=1e-12)
+
+
+def test_crop_tries_keep_the_brightest_of_the_candidates():
+    from clidim_jax.data.sampling import sample_batch
+
+    rng = np.random.default_rng(10)
+    clean = rng.random((2, 48, 48)).astype(np.float32)
+    clean[0, 30:, 30:] += 5.0
+    noisy = clean.copy()
+    views = np.array([[0, 0, 0, 0, 48, 48], [1, 1, 0, 0, 48, 48]], np.int32)
+    args = dict(batch_size=16, patch_size=12, augment=False)
+    key, step = jax.random.key(3), jnp.int32(7)
+    _, one = sample_batch(key, step, noisy, clean, views, **args)
+    _, four = sample_batch(key, step, noisy, clean, views, crop_tries=4, **args)
+    s1, s4 = np.asarray(one).sum(axis=(1, 2, 3)), np.asarray(four).sum(axis=(1, 2, 3))
+    assert (s4 >= s1 - 1e-3).all()  # the uniform draw is one of the candidates
+    assert s4.mean() > s1.mean() + 1.0

@@ -113,8 +113,9 @@ def fit_noise_model(pairs: Iterable[tuple[np.ndarray, np.ndarray]], bins: int = 
 
 @dataclasses.dataclass(frozen=True)
 class Normalization:
-    """x -> 2 (v(x) - low) / (high - low) - 1 (or + 0, mode "scale"), where v is the identity or, with a noise model,
-    its generalized Anscombe transform; low/high come from statistics of the training images.
+    """x -> 2 (v(x) - low) / (high - low) - 1 (+ 0 in mode "scale"), where v is the identity
+    or, with a noise model, its generalized Anscombe transform; low/high come from statistics
+    of the training images.
 
     `mode` says how low/high were chosen: "percentile" (percentiles of the noisy training
     images, the pix2pix-style default; "scale" is the same mapping shifted so that `low`, the
