@@ -102,6 +102,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Foreground-weighted crops: draw this many positions per crop and keep the brightest (by
     # the clean image): more of the (rare, error-dominating) bright structures. 1: uniform.
     c.data.crop_tries = 1
+    # Synthetic pairs: this fraction of each batch gets new noisy images drawn from a
+    # Poisson-Gaussian noise model fitted on the training pairs, for the clean crops times a
+    # gain log-uniform in synthetic_gain (unseen brightness with the right noise). 0: off.
+    c.data.synthetic = 0.0
+    c.data.synthetic_gain = (0.7, 1.6)
     c.data.augment = True  # random hflip + rot90 of training crops
     # Validation region for choosing the best checkpoint: this fraction of the columns, taken
     # from the right edge of the training region (never the test split). 0: no validation.
@@ -244,6 +249,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ConfigError("config.model.bias_free needs model.norm=none and model.output=linear")
     if c.model.residual_sigma <= 0:
         raise ConfigError(f"config.model.residual_sigma={c.model.residual_sigma} must be > 0")
+    if not 0.0 <= c.data.synthetic <= 1.0:
+        raise ConfigError(f"config.data.synthetic={c.data.synthetic} must be in [0, 1]")
+    sg = tuple(c.data.synthetic_gain)
+    if len(sg) != 2 or not 0 < sg[0] <= sg[1]:
+        raise ConfigError(f"config.data.synthetic_gain={sg} must be (low, high), 0 < low <= high")
     if c.data.crop_tries < 1:
         raise ConfigError(f"config.data.crop_tries={c.data.crop_tries} must be at least 1")
     if c.data.headroom < 0:

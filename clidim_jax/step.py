@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from clidim_jax import augment, compiler, losses
@@ -196,19 +197,47 @@ def step_compiler_options(mesh: Any = None) -> dict[str, Any]:
     return compiler.compiler_options(mesh.devices.flat[0] if mesh is not None else None)
 
 
+def synthesize_noisy(
+    key: jax.Array, clean: jax.Array, noise: Any, gain_range: tuple[float, float], integer: bool
+) -> tuple[jax.Array, jax.Array]:
+    """New noisy images for clean ones brightened or dimmed by a random gain (log-uniform in
+    `gain_range`, one per image), drawn from the fitted Poisson-Gaussian model Var = gain_n x +
+    offset: x = gain_n (P + d) + N(0, s^2), P ~ Poisson, with s^2 = offset (offset >= 0) or a
+    dark level d = -offset / gain_n^2 (offset < 0). Rounded (and kept >= 0) for integer data.
+    Physically right at any brightness, unlike scaling a measured noisy image."""
+    k_g, k_p, k_n = jax.random.split(key, 3)
+    lo, hi = (float(g) for g in gain_range)
+    u = jax.random.uniform(k_g, (clean.shape[0], 1, 1, 1), jnp.float32)
+    clean = clean * jnp.exp(jnp.log(lo) + u * (jnp.log(hi) - jnp.log(lo)))
+    a, b = float(noise.gain), float(noise.offset)
+    if a > 0:
+        s2, d = (b, 0.0) if b >= 0 else (0.0, -b / a**2)
+        rate = jnp.maximum(clean / a - d, 0.0)
+        noisy = a * (jax.random.poisson(k_p, rate).astype(jnp.float32) + d)
+    else:  # signal-independent noise (gain 0): Gaussian of variance `offset`
+        s2, noisy = max(b, 0.0), clean
+    noisy = noisy + float(np.sqrt(s2)) * jax.random.normal(k_n, clean.shape, jnp.float32)
+    if integer:
+        noisy = jnp.maximum(jnp.round(noisy), 0.0)
+    return noisy, clean
+
+
 def make_sampled_train_step(
     config: ml_collections.ConfigDict,
     nets: Networks,
     steps_per_epoch: int,
     norm: Any,
     mesh: Any = None,
+    noise: Any = None,
 ) -> Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, Metrics]]:
     """The train step with on-device batch sampling in front: `(state, data, key)`, where `data`
     holds the training images resident on the device (`PairedImages.device_data()`: "noisy",
     "clean", "views" and, for few-shot sets, "order").
 
     With a `mesh`, the sampled global batch is constrained to the `data` axis, so each device
-    draws and processes only its own part of it.
+    draws and processes only its own part of it. With `config.data.synthetic` > 0, that fraction
+    of each batch gets synthetic noisy images from `noise` (a fitted `NoiseModel`) at random
+    brightness (`synthesize_noisy`).
     """
     from clidim_jax.data.sampling import sample_batch
 
@@ -234,6 +263,15 @@ def make_sampled_train_step(
             order=data.get("order"),
             crop_tries=int(config.data.get("crop_tries", 1)),
         )
+        n_syn = int(round(config.data.get("synthetic", 0.0) * config.train.batch_size))
+        if n_syn > 0:
+            k_syn = jax.random.fold_in(jax.random.fold_in(k_data, state.step), 0x5E7)
+            integer = jnp.issubdtype(data["noisy"].dtype, jnp.integer)
+            syn_noisy, syn_clean = synthesize_noisy(
+                k_syn, clean[:n_syn], noise, tuple(config.data.synthetic_gain), integer
+            )
+            noisy = jnp.concatenate([syn_noisy, noisy[n_syn:]], 0)
+            clean = jnp.concatenate([syn_clean, clean[n_syn:]], 0)
         gain_range = tuple(config.data.gain_augment)
         if gain_range != (1.0, 1.0):
             # (a key of its own, so the crops of runs without it are unchanged)

@@ -180,6 +180,8 @@ FIXED_ON_RESUME = (
     "data.vst",
     "data.gain_augment",
     "data.crop_tries",
+    "data.synthetic",
+    "data.synthetic_gain",
     "loss.head_features",
 )
 
@@ -288,6 +290,7 @@ def compiled_loop_step(
     norm: Normalization,
     names,
     mesh: Mesh,
+    noise: Any = None,
 ) -> Callable:
     """The jitted loop step, shared by runs of one process whose step program is the same (the
     same model, data, losses and schedule), so that e.g. a resumed or repeated run in a notebook
@@ -302,11 +305,14 @@ def compiled_loop_step(
         spe,
         norm.to_json(),
         tuple(names),
+        repr(noise),
         _mesh_key(mesh),
         make_sampled_train_step,  # (tests replace it to inject faults)
     )
     if key not in _compiled_steps:
-        step = make_loop_step(make_sampled_train_step(config, nets, spe, norm, mesh=mesh), names)
+        step = make_loop_step(
+            make_sampled_train_step(config, nets, spe, norm, mesh=mesh, noise=noise), names
+        )
         _compiled_steps[key] = jax.jit(
             step, donate_argnums=(0,), compiler_options=step_compiler_options(mesh)
         )
@@ -440,6 +446,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
     spe = steps_per_epoch(config, train_ds.epoch_length)
     num_steps = total_steps(config, train_ds.epoch_length)
     norm = compute_normalization(config, train_ds)
+    noise = None
+    if config.data.get("synthetic", 0.0) > 0:  # the model synthetic noisy images are drawn from
+        try:
+            noise = fit_noise_model(train_ds.iter_pairs(), allow_constant=True)
+        except ValueError as e:
+            raise DataError(f"{train_ds.name}: data.synthetic: {e}") from None
+        _say(f"noise model for synthetic inputs: Var = {noise.gain:.4g} x + {noise.offset:.4g}")
     cc = config.checkpoint
 
     mesh = make_mesh()  # every device of every process, one `data` axis
@@ -454,7 +467,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
     data = put_replicated(train_ds.device_data(), mesh)
     names = sorted(
         jax.eval_shape(
-            make_sampled_train_step(config, nets, spe, norm, mesh=mesh),
+            make_sampled_train_step(config, nets, spe, norm, mesh=mesh, noise=noise),
             abstract_state,
             data,
             train_key,
@@ -522,7 +535,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
         _say(f"{name}: {n:,} parameters\n{overview}")
         writer.write_texts(start, {f"parameters/{name}": f"```\n{overview}\n```"})
 
-    loop_step = compiled_loop_step(config, nets, spe, norm, names, mesh)
+    loop_step = compiled_loop_step(config, nets, spe, norm, names, mesh, noise)
     denoiser = (
         Denoiser(nets.generator, None, norm, config.eval.batch_size) if val_ds is not None else None
     )

@@ -339,3 +339,39 @@ def test_crop_tries_keep_the_brightest_of_the_candidates():
     s1, s4 = np.asarray(one).sum(axis=(1, 2, 3)), np.asarray(four).sum(axis=(1, 2, 3))
     assert (s4 >= s1 - 1e-3).all()  # the uniform draw is one of the candidates
     assert s4.mean() > s1.mean() + 1.0
+
+
+@pytest.mark.parametrize("offset", [9.0, -12.0])
+def test_synthetic_noise_follows_the_fitted_model(offset):
+    from clidim_jax.step import synthesize_noisy
+
+    model = NoiseModel(gain=3.0, offset=offset)
+    for level in (20.0, 150.0):
+        clean = jnp.full((8, 64, 64, 1), level, jnp.float32)
+        noisy, c = synthesize_noisy(jax.random.key(4), clean, model, (1.0, 1.0), integer=False)
+        np.testing.assert_array_equal(np.asarray(c), np.asarray(clean))
+        var = 3.0 * level + offset
+        assert float(noisy.mean()) == pytest.approx(level, abs=0.05 * np.sqrt(var))
+        assert float(noisy.var()) == pytest.approx(var, rel=0.05)
+    # Random brightness, one gain per image within the range; integer data stays integer.
+    clean = jnp.full((64, 8, 8, 1), 50.0, jnp.float32)
+    noisy, c = synthesize_noisy(jax.random.key(5), clean, model, (0.5, 2.0), integer=True)
+    gains = np.asarray(c)[:, 0, 0, 0] / 50.0
+    assert gains.min() >= 0.5 - 1e-6 and gains.max() <= 2.0 + 1e-6 and np.ptp(gains) > 0.5
+    n = np.asarray(noisy)
+    assert (n == np.round(n)).all() and n.min() >= 0
+
+
+def test_noise_that_does_not_grow_gives_a_constant_model_for_synthesis():
+    from clidim_jax.step import synthesize_noisy
+
+    rng = np.random.default_rng(11)
+    clean = rng.uniform(0, 100, (128, 128))
+    noise = rng.normal(0, 1, clean.shape) * (12 - clean / 10)  # variance 144 .. 4
+    m = fit_noise_model([(clean + noise, clean)], allow_constant=True)
+    expected = 144 - 2.4 * 50 + 0.01 * 100**2 / 3  # the mean of (12 - c/10)^2 over c in [0, 100]
+    assert m.gain == 0.0 and m.offset == pytest.approx(expected, rel=0.1)
+    noisy, _ = synthesize_noisy(
+        jax.random.key(0), jnp.full((4, 32, 32, 1), 50.0), m, (1.0, 1.0), integer=False
+    )
+    assert float(noisy.var()) == pytest.approx(m.offset, rel=0.1)

@@ -81,11 +81,15 @@ class NoiseModel:
         return ((a * y / 2.0) ** 2 - 0.375 * a * a - self.offset) / a
 
 
-def fit_noise_model(pairs: Iterable[tuple[np.ndarray, np.ndarray]], bins: int = 64) -> NoiseModel:
+def fit_noise_model(
+    pairs: Iterable[tuple[np.ndarray, np.ndarray]], bins: int = 64, allow_constant: bool = False
+) -> NoiseModel:
     """Fits Var[noisy - clean] = gain * clean + offset on paired images: the residual variance
     in `bins` equally populated bins of the clean intensity, then a least-squares line through
     the bins (each weighted by its pixel count). Raises ValueError when the data show no
-    signal-dependent noise (a gain <= 0 cannot be stabilised by the GAT)."""
+    signal-dependent noise (a gain <= 0 cannot be stabilised by the GAT), unless
+    `allow_constant`: then the noise is taken as signal-independent, gain 0 and offset the mean
+    residual variance (enough to synthesise noise, not for a GAT)."""
     cs, rs = [], []
     for noisy, clean in pairs:
         c = np.asarray(clean, np.float64).ravel()
@@ -103,6 +107,8 @@ def fit_noise_model(pairs: Iterable[tuple[np.ndarray, np.ndarray]], bins: int = 
     if len(mean_c) < 2 or np.ptp(mean_c) == 0:
         raise ValueError("the clean images have a single intensity: no noise model can be fitted")
     gain, offset = np.polyfit(mean_c, var, 1, w=np.sqrt(w))
+    if not gain > 0 and allow_constant:
+        return NoiseModel(0.0, float(np.average(var, weights=w)))
     if not gain > 0:
         raise ValueError(
             f"the noise does not grow with the signal (fitted gain {gain:.3g}): a variance-"
