@@ -85,9 +85,12 @@ def compute_normalization(config: ml_collections.ConfigDict, train: PairedImages
         except ValueError as e:
             raise DataError(f"{train.name}: {e}") from None
     transform = noise.gat if noise is not None else (lambda x: x)
-    lo, hi = percentiles(
-        (transform(np.asarray(a, np.float32)) for a in train.iter_noisy()), tuple(d.percentiles)
-    )
+    # (without a transform the stored integer images go in as they are: an exact histogram,
+    # never a float copy of the stack)
+    images = train.iter_noisy()
+    if noise is not None:
+        images = (transform(np.asarray(a, np.float32)) for a in images)
+    lo, hi = percentiles(images, tuple(d.percentiles))
     if d.normalization == "range":
         # Every clean training intensity inside [-1, 1], with headroom above the brightest.
         top = max(float(transform(np.float32(c.max()))) for c in train.iter_clean())

@@ -375,3 +375,20 @@ def test_noise_that_does_not_grow_gives_a_constant_model_for_synthesis():
         jax.random.key(0), jnp.full((4, 32, 32, 1), 50.0), m, (1.0, 1.0), integer=False
     )
     assert float(noisy.var()) == pytest.approx(m.offset, rel=0.1)
+
+
+def test_large_stacks_fit_the_noise_model_one_image_at_a_time(monkeypatch):
+    from clidim_jax.data import normalization
+
+    rng = np.random.default_rng(12)
+    clean = rng.uniform(10, 300, (96, 96))
+    pairs = [(2.0 * rng.poisson(clean / 2.0) + rng.normal(0, 2, clean.shape), clean)
+             for _ in range(6)]  # fmt: skip
+    whole = fit_noise_model(pairs)
+    monkeypatch.setattr(normalization, "_FIT_IN_ONE_GO", 0)
+    streamed = fit_noise_model(pairs)
+    assert streamed.gain == pytest.approx(whole.gain, rel=0.03)
+    for x in (50.0, 250.0):
+        assert streamed.gain * x + streamed.offset == pytest.approx(
+            whole.gain * x + whole.offset, rel=0.03
+        )

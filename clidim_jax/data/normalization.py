@@ -81,6 +81,11 @@ class NoiseModel:
         return ((a * y / 2.0) ** 2 - 0.375 * a * a - self.offset) / a
 
 
+# Up to this many pixels a noise model is fitted from all of them at once (2**24: 256 MB of
+# float64 temporaries); larger stacks stream through one image at a time.
+_FIT_IN_ONE_GO = 1 << 24
+
+
 def fit_noise_model(
     pairs: Iterable[tuple[np.ndarray, np.ndarray]], bins: int = 64, allow_constant: bool = False
 ) -> NoiseModel:
@@ -90,19 +95,36 @@ def fit_noise_model(
     signal-dependent noise (a gain <= 0 cannot be stabilised by the GAT), unless
     `allow_constant`: then the noise is taken as signal-independent, gain 0 and offset the mean
     residual variance (enough to synthesise noise, not for a GAT)."""
-    cs, rs = [], []
-    for noisy, clean in pairs:
-        c = np.asarray(clean, np.float64).ravel()
-        cs.append(c)
-        rs.append(np.asarray(noisy, np.float64).ravel() - c)
-    c, r = np.concatenate(cs), np.concatenate(rs)
-    edges = np.unique(np.quantile(c, np.linspace(0, 1, bins + 1)))
-    idx = np.clip(np.searchsorted(edges, c, side="right") - 1, 0, len(edges) - 2)
-    n = np.bincount(idx, minlength=len(edges) - 1).astype(np.float64)
+    pairs = list(pairs)  # (views of stored planes: references, no copies)
+    if not pairs:
+        raise ValueError("no image pairs to fit a noise model on")
+    if sum(np.size(c) for _, c in pairs) <= _FIT_IN_ONE_GO:
+        c = np.concatenate([np.asarray(c, np.float64).ravel() for _, c in pairs])
+        r = np.concatenate([np.asarray(n, np.float64).ravel() for n, _ in pairs]) - c
+        edges = np.unique(np.quantile(c, np.linspace(0, 1, bins + 1)))
+        nb = max(len(edges) - 1, 1)
+        idx = np.clip(np.searchsorted(edges, c, side="right") - 1, 0, nb - 1)
+        n = np.bincount(idx, minlength=nb).astype(np.float64)
+        sc, sr, srr = (np.bincount(idx, v, nb) for v in (c, r, r * r))
+    else:
+        # Bin edges from a subsample of the clean pixels, then per-bin sums one pair at a time:
+        # memory stays that of one image however large the stack.
+        sample = np.concatenate([np.asarray(c, np.float64)[::4, ::4].ravel() for _, c in pairs])
+        edges = np.unique(np.quantile(sample, np.linspace(0, 1, bins + 1)))
+        nb = max(len(edges) - 1, 1)
+        n, sc, sr, srr = (np.zeros(nb) for _ in range(4))
+        for noisy, clean in pairs:
+            c = np.asarray(clean, np.float64).ravel()
+            r = np.asarray(noisy, np.float64).ravel() - c
+            idx = np.clip(np.searchsorted(edges, c, side="right") - 1, 0, nb - 1)
+            n += np.bincount(idx, minlength=nb)
+            sc += np.bincount(idx, c, nb)
+            sr += np.bincount(idx, r, nb)
+            srr += np.bincount(idx, r * r, nb)
     ok = n > 1
-    mean_c = np.bincount(idx, c, len(n))[ok] / n[ok]
-    mean_r = np.bincount(idx, r, len(n))[ok] / n[ok]
-    var = np.bincount(idx, r * r, len(n))[ok] / n[ok] - mean_r**2
+    mean_c = sc[ok] / n[ok]
+    mean_r = sr[ok] / n[ok]
+    var = srr[ok] / n[ok] - mean_r**2
     w = n[ok]
     if len(mean_c) < 2 or np.ptp(mean_c) == 0:
         raise ValueError("the clean images have a single intensity: no noise model can be fitted")
