@@ -163,7 +163,7 @@ def _warn_out_of_range(path: str, plane: np.ndarray, denoiser: Denoiser) -> None
     lo_y = getattr(norm, "shift", -1.0)  # the training range is [lo_y, lo_y + 2]
     outside = float(np.mean((y < lo_y - 1.0) | (y > lo_y + 3.0)))  # half of it beyond an end
     if outside > 0.05:
-        bounded = getattr(denoiser.generator, "output", "tanh") == "tanh"
+        bounded = getattr(getattr(denoiser, "generator", None), "output", "tanh") == "tanh"
         lo, hi = norm.invert(lo_y), norm.invert(lo_y + 2.0)
         print(
             f"warning: {100 * outside:.0f}% of the pixels of {path} (plane 1) lie far outside the "

@@ -156,6 +156,15 @@ def markdown_table(result: dict) -> str:
             row += cells(result["reference"][key], 5)  # its SSIM sits near 1, NRMSE near 0
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
+    ck = result.get("checkpoint")
+    if ck:
+        tta = (
+            ", test-time augmentation over the 8 flips and quarter turns"
+            if result.get("tta")
+            else ""
+        )
+        lines.append(f"Model: checkpoint {ck['step']} ({ck['selected_by']}){tta}.")
+        lines.append("")
     if std:
         lines.append(
             "PSNR, SSIM (2-D) and NRMSE in the comparable convention: float64, original units, "

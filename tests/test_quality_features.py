@@ -133,6 +133,7 @@ def test_linear_output_is_unbounded_and_tanh_is_not():
         assert (np.abs(y).max() <= 1.0) == bounded
 
 
+@pytest.mark.slow
 def test_bright_clean_targets_are_reproduced_without_clipping(tmp_path, tiny):
     """A synthetic pair whose clean image reaches 1.5x the noisy 99.9th percentile: the own-data
     recipe's normalisation and output layer represent it, and a briefly trained model predicts
@@ -208,6 +209,7 @@ def test_dihedral_inverse_undoes_every_transform():
 # ------------------------------------------------------------ checkpoint selection by validation
 
 
+@pytest.mark.slow
 def test_evaluate_denoise_and_export_use_the_best_validated_checkpoint(tmp_path, tiny):
     c = tiny("pixel")
     c.data.val_fraction = 0.25
@@ -234,12 +236,18 @@ def test_evaluate_denoise_and_export_use_the_best_validated_checkpoint(tmp_path,
 
     result = evaluate_run(wd, quiet=True)
     assert result["checkpoint"]["step"] == best
+    with open(os.path.join(wd, "eval.json"), encoding="utf-8") as f:
+        assert json.load(f)["checkpoint"]["step"] == best
+    with open(os.path.join(wd, "eval.md"), encoding="utf-8") as f:
+        table = f.read()
+    assert f"checkpoint {best} (best validation PSNR" in table and "gaussian_filter" in table
     from clidim_jax.export import export_run
 
     meta = export_run(wd, str(tmp_path / "m.clidim"))
     assert meta["run"]["step"] == best
 
 
+@pytest.mark.slow
 def test_a_run_without_validation_uses_its_final_state(tmp_path, tiny):
     c = tiny("pixel")
     wd = str(tmp_path / "run")
@@ -247,6 +255,14 @@ def test_a_run_without_validation_uses_its_final_state(tmp_path, tiny):
     assert result["checkpoint"]["step"] == 6
     assert "final" in result["checkpoint"]["selected_by"]
     assert train_lib.restore_run(wd).selected_by == "latest checkpoint"
+    # `evaluate --tta` through the command line: the flag reaches eval.json and the prediction.
+    from conftest import run_cli
+
+    run_cli("evaluate", "--workdir", wd, "--tta")
+    with open(os.path.join(wd, "eval.json"), encoding="utf-8") as f:
+        with_tta = json.load(f)
+    assert with_tta["tta"] is True and with_tta["checkpoint"]["step"] == 6
+    assert with_tta["output"]["psnr"] != result["output"]["psnr"]
 
 
 def test_validation_pairs_from_files(tmp_path, tiny):

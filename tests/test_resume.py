@@ -121,8 +121,8 @@ def test_resume_after_sigterm_is_bit_identical(uninterrupted, monkeypatch, tmp_p
 def test_nan_stops_training_naming_step_and_term(monkeypatch, tmp_path):
     real = train_lib.make_sampled_train_step
 
-    def poisoned(config, nets, spe, norm, mesh=None):
-        step_fn = real(config, nets, spe, norm, mesh=mesh)
+    def poisoned(config, nets, spe, norm, mesh=None, **kwargs):
+        step_fn = real(config, nets, spe, norm, mesh=mesh, **kwargs)
 
         def step(state, data, key):  # at step 5: g_l1 is NaN and G's parameters turn NaN
             new, m = step_fn(state, data, key)

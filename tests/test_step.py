@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
+from clidim_jax.data.normalization import Normalization
 from clidim_jax.state import build_networks, init_state, linear_policy
 from clidim_jax.step import make_train_step, normalize_batch
 
@@ -134,8 +135,8 @@ def test_linear_policy_matches_pix2pix_rule():
 def test_reference_normalization_is_batch_min_max_of_noisy_and_clean():
     noisy = jnp.array([[10.0, 20.0]]).reshape(1, 1, 2, 1)
     clean = jnp.array([[15.0, 30.0]]).reshape(1, 1, 2, 1)
-    b = normalize_batch(noisy, clean, "reference", 0.0, 1.0)
+    b = normalize_batch(noisy, clean, Normalization(0.0, 1.0, "reference"))
     np.testing.assert_allclose(np.ravel(b["noisy"]), [-1.0, 0.0])
     np.testing.assert_allclose(np.ravel(b["clean"]), [-0.5, 1.0])
-    b = normalize_batch(noisy, clean, "percentile", 10.0, 30.0)
+    b = normalize_batch(noisy, clean, Normalization(10.0, 30.0, "percentile"))
     np.testing.assert_allclose(np.ravel(b["clean"]), [-0.5, 1.0])
