@@ -161,6 +161,22 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
     return c
 
 
+def apply_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """big_vision's `runlocal`: a 4-level U-Net with 8 base channels, 32x32 crops, batch 2,
+    (2 + 1) epochs of 2 steps, for unit tests and a first try on a laptop."""
+    c.model.depth = 4
+    c.model.ngf = 8
+    c.model.ndf = 8
+    c.data.patch_size = 32
+    c.train.batch_size = 2
+    c.train.n_epochs = 2
+    c.train.n_epochs_decay = 1
+    c.train.steps_per_epoch = 2
+    c.train.log_every = 2
+    c.eval.baseline_sigmas = (1.0, 2.0)
+    return c
+
+
 def apply_args(c: ml_collections.ConfigDict, arg: str | None, allowed: tuple[str, ...]) -> None:
     """Applies the `PATH:key=value` arguments a preset accepts (`variant` always)."""
     args = parse_arg(arg)

@@ -24,7 +24,7 @@ Arguments: `own_data:variant=cl_tv_ssim,seed=1` (any variant of config_lib.VARIA
 
 import ml_collections
 
-from clidim_jax.config_lib import apply_args, apply_variant, base_config
+from clidim_jax.config_lib import apply_args, apply_tiny, apply_variant, base_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -58,21 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint.keep = 2
     items = [i.strip() for i in (arg or "").split(",")]
     if "tiny" in items:
-        _tiny(c)
+        apply_tiny(c)
+        c.checkpoint.every_steps = 2  # validate (and keep the best) during those 6 steps
     apply_args(c, ",".join(i for i in items if i != "tiny"), allowed=("seed",))
     return c
-
-
-def _tiny(c: ml_collections.ConfigDict) -> None:
-    """big_vision's `runlocal`: a 4-level U-Net with 8 base channels, 32x32 crops, 6 steps."""
-    c.model.depth = 4
-    c.model.ngf = 8
-    c.model.ndf = 8
-    c.data.patch_size = 32
-    c.train.batch_size = 2
-    c.train.steps_per_epoch = 2
-    c.train.n_epochs = 2
-    c.train.n_epochs_decay = 1
-    c.train.log_every = 2
-    c.checkpoint.every_steps = 2
-    c.eval.baseline_sigmas = (1.0, 2.0)
