@@ -14,7 +14,9 @@ two can be shown side by side. Their numbers (Table I of the paper) are not comp
 - SSIM is scikit-image's `structural_similarity(gt, pred, multichannel=True)` on 2-D images:
   the last axis is taken as channels, so it is the mean over columns of 1-D SSIMs computed down
   each column (7-sample uniform window, sample covariance, reflect borders, the 3 samples at each
-  end cropped), with the data range scikit-image defaults to for the dtype: 65535 for uint16;
+  end cropped), called with `data_range = gt.max() - gt.min()` of the uint16 ground truth (the
+  range its PSNR uses; the reference's util/metrics.py passes `max_p=range_PSNR`), not
+  scikit-image's uint16 default of 65535;
 - "NRMSE" is the RMS difference between the prediction and its own least-squares affine fit to
   the ground truth, divided by 4095 (a 12-bit range, whatever the data).
 """
@@ -79,16 +81,6 @@ def ssim(gt: np.ndarray, pred: np.ndarray, *, win_size: int = 7) -> float:
 
 REFERENCE_NRMSE_RANGE = 4095.0
 
-# scikit-image's `dtype_range` (skimage.util.dtype), used when `data_range` is not given.
-_SKIMAGE_DTYPE_RANGE = {
-    np.dtype(np.uint8): 255.0,
-    np.dtype(np.uint16): 65535.0,
-    np.dtype(np.int16): 65535.0,
-    np.dtype(np.float16): 2.0,
-    np.dtype(np.float32): 2.0,
-    np.dtype(np.float64): 2.0,
-}
-
 
 def to_uint16(x: np.ndarray) -> np.ndarray:
     """`x.astype(np.uint16)` as the reference does it: floats truncate toward zero.
@@ -128,13 +120,16 @@ def reference_psnr(gt: np.ndarray, pred: np.ndarray) -> float:
 def reference_ssim(
     gt: np.ndarray, pred: np.ndarray, *, data_range: float | None = None, win_size: int = 7
 ) -> float:
-    """`skimage.metrics.structural_similarity(gt_u16, pred_u16, multichannel=True)` on a 2-D image.
+    """`skimage.metrics.structural_similarity(gt_u16, pred_u16, multichannel=True,
+    data_range=gt_u16.max() - gt_u16.min())` on a 2-D image, as the reference code calls it.
 
     With `multichannel=True` scikit-image loops over the last axis, so every column is a 1-D
     "image": per column, uniform filter of size 7 along the column (scipy `reflect` borders),
     sample covariance (7/6), K1 0.01, K2 0.03, SSIM map cropped by 3 samples at each end and
-    averaged; the result is the mean over columns. `data_range=None` is scikit-image's default for
-    the dtype of the (uint16) ground truth, 65535.
+    averaged; the result is the mean over columns. `data_range=None` (the default) is the
+    reference's range, max - min of the uint16 ground truth (the same range as `reference_psnr`),
+    not scikit-image's uint16 default of 65535; pass `data_range` to override it. A constant
+    ground truth has range 0, for which SSIM is undefined (NaN), as in the reference.
     """
     g, p = to_uint16(gt), to_uint16(pred)
     if g.ndim != 2:
@@ -143,7 +138,7 @@ def reference_ssim(
         raise ValueError(
             f"reference_ssim needs columns of at least {win_size} pixels, got {g.shape}"
         )
-    rng = _SKIMAGE_DTYPE_RANGE[g.dtype] if data_range is None else float(data_range)
+    rng = float(g.max()) - float(g.min()) if data_range is None else float(data_range)
     x, y = g.astype(np.float64), p.astype(np.float64)
     filt = lambda a: ndimage.uniform_filter1d(a, size=win_size, axis=0, mode="reflect")
     cov_norm = win_size / (win_size - 1.0)

@@ -98,43 +98,90 @@ def test_reference_psnr_equals_standard_for_small_integer_errors():
     assert metrics.reference_psnr(gt, pred) == pytest.approx(metrics.psnr(gt, pred), rel=1e-12)
 
 
+def _columnwise_ssim_by_hand(gt, pred, data_range, win=7):
+    """Independent direct SSIM of the reference code: per column, a 1-D SSIM at each position
+    whose 7-sample window lies inside the column (the positions left after scikit-image crops 3
+    samples at each end, so no border handling is needed), with sample (ddof=1) statistics, K1
+    0.01, K2 0.03, averaged down the column; then the mean over columns."""
+    g, p = np.asarray(gt, np.float64), np.asarray(pred, np.float64)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    half = win // 2
+    columns = []
+    for j in range(g.shape[1]):
+        values = []
+        for i in range(half, g.shape[0] - half):
+            x, y = g[i - half : i + half + 1, j], p[i - half : i + half + 1, j]
+            mx, my = x.mean(), y.mean()
+            vx, vy = x.var(ddof=1), y.var(ddof=1)
+            cxy = ((x - mx) * (y - my)).sum() / (win - 1)
+            num = (2 * mx * my + c1) * (2 * cxy + c2)
+            values.append(num / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+        columns.append(np.mean(values))
+    return float(np.mean(columns))
+
+
 def test_reference_ssim_by_hand_on_a_seven_row_image():
     # 7 rows: after the 3-sample crop at each end one position per column is left, whose
     # 7-sample window is the whole column (no border effect): plain SSIM of the column with
-    # sample (ddof=1) statistics and the uint16 data range 65535; then the mean over columns.
+    # sample (ddof=1) statistics and the data range of the uint16 ground truth, 600 - 0 here;
+    # then the mean over columns.
     gt = np.array([[0, 5], [100, 5], [200, 5], [300, 5], [400, 5], [500, 5], [600, 5]], float)
     pred = gt + np.array([[0, 0], [0, 1], [0, 0], [0, 0], [0, 0], [0, 0], [70, 0]])
-    c1, c2 = (0.01 * 65535) ** 2, (0.03 * 65535) ** 2
 
-    def col_ssim(x, y):
+    def col_ssim(x, y, rng):
+        c1, c2 = (0.01 * rng) ** 2, (0.03 * rng) ** 2
         mx, my = x.mean(), y.mean()
         vx, vy = x.var(ddof=1), y.var(ddof=1)
         cxy = ((x - mx) * (y - my)).sum() / (len(x) - 1)
         return ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
 
-    expected = np.mean([col_ssim(gt[:, j], pred[:, j]) for j in range(2)])
+    expected = np.mean([col_ssim(gt[:, j], pred[:, j], 600.0) for j in range(2)])
     assert metrics.reference_ssim(gt, pred) == pytest.approx(expected, rel=1e-12)
+    assert expected == pytest.approx(_columnwise_ssim_by_hand(gt, pred, 600.0), rel=1e-12)
+    # an explicit data_range still overrides the default
+    old = np.mean([col_ssim(gt[:, j], pred[:, j], 65535.0) for j in range(2)])
+    assert metrics.reference_ssim(gt, pred, data_range=65535) == pytest.approx(old, rel=1e-12)
+
+
+def test_reference_ssim_uses_the_uint16_ground_truth_range():
+    # A 12-bit-like image with noise: the range of the uint16 ground truth (a few thousand) is
+    # what the reference passes; scikit-image's uint16 default 65535 would push SSIM towards 1.
+    rng = np.random.default_rng(4)
+    gt = rng.gamma(2.0, 300.0, size=(40, 24)) + 100.7  # fractional: the range is taken after
+    pred = np.clip(gt + rng.normal(0, 150, size=gt.shape), 0, None)  # the uint16 truncation
+    g16 = gt.astype(np.uint16)
+    gt_range = float(g16.max()) - float(g16.min())
+    expected = _columnwise_ssim_by_hand(g16, pred.astype(np.uint16), gt_range)
+    value = metrics.reference_ssim(gt, pred)
+    assert value == pytest.approx(expected, rel=1e-10)
+    # the old default (65535) gives a clearly different, inflated value
+    old = _columnwise_ssim_by_hand(g16, pred.astype(np.uint16), 65535.0)
+    assert old > 0.99 and old - value > 0.05  # 0.992 vs 0.897
+    assert metrics.reference_ssim(gt, pred, data_range=65535) == pytest.approx(old, rel=1e-10)
 
 
 def test_reference_ssim_is_skimage_multichannel_on_uint16():
-    # scikit-image >= 0.19 spells multichannel=True as channel_axis=-1.
-    import warnings
-
+    # The reference's call, structural_similarity(gt_u16, pred_u16, multichannel=True,
+    # data_range=gt_u16.max() - gt_u16.min()); scikit-image >= 0.19 spells multichannel=True as
+    # channel_axis=-1.
     rng = np.random.default_rng(2)
     gt = rng.gamma(2.0, 300.0, size=(40, 24)) + 100
-    pred = gt + rng.normal(0, 60, size=gt.shape)
-    g16, p16 = gt.astype(np.uint16), np.clip(pred, 0, None).astype(np.uint16)
+    pred = np.clip(gt + rng.normal(0, 60, size=gt.shape), 0, None)
+    g16, p16 = gt.astype(np.uint16), pred.astype(np.uint16)
+    gt_range = float(g16.max()) - float(g16.min())
+    ref = structural_similarity(g16, p16, channel_axis=-1, data_range=gt_range)
+    assert metrics.reference_ssim(gt, pred) == pytest.approx(ref, rel=1e-10)
+    assert ref == pytest.approx(_columnwise_ssim_by_hand(g16, p16, gt_range), rel=1e-10)
+    # with data_range=65535 it is scikit-image's dtype default (the value the old code gave)
+    import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Setting data_range based on im1.dtype"
-        ref = structural_similarity(g16, p16, channel_axis=-1)
-    assert metrics.reference_ssim(gt, np.clip(pred, 0, None)) == pytest.approx(ref, rel=1e-10)
-    rng_ = float(gt.max() - gt.min())
-    ref = structural_similarity(
-        g16.astype(float), p16.astype(float), channel_axis=-1, data_range=rng_
+        ref_default = structural_similarity(g16, p16, channel_axis=-1)
+    assert metrics.reference_ssim(gt, pred, data_range=65535) == pytest.approx(
+        ref_default, rel=1e-10
     )
-    assert metrics.reference_ssim(gt, pred.clip(0), data_range=rng_) == pytest.approx(
-        ref, rel=1e-10
-    )
+    assert ref_default - ref > 0.01  # 0.9987 vs 0.9824
     # column-wise 1-D SSIM is not the 2-D SSIM of the same images
     assert abs(ref - metrics.ssim(g16, p16)) > 1e-3
 
