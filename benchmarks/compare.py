@@ -6,7 +6,7 @@ PyTorch step through `benchmarks/torch_step.py` with a Python that has torch (a 
 benchmarks/README.md). JAX and PyTorch alternate, `--repeats` times, and the report takes the
 median over repeats of each side's median step time, so a slow spell of a shared machine hits both.
 
-    python benchmarks/compare.py --torch-python /work/venv-torch/bin/python --json cmp.json
+    python benchmarks/compare.py --torch-python venv-torch/bin/python --json cmp.json
     python benchmarks/compare.py --scaling --plot scaling.png --markdown scaling.md
 
 Standard library + matplotlib only; run it with the project's Python.

@@ -1,7 +1,7 @@
 """PyTorch eager reference of the CLIDiM networks and train step: a benchmark baseline only.
 
 Standalone (torch + numpy): never imported by `clidim_jax`, not part of its install. It builds what
-/work/shared/METHOD.md sections 1-5 describe, the way the reference pix2pix fork does it in PyTorch:
+docs/method.md sections 1-5 describe, the way the reference pix2pix fork does it in PyTorch:
 
 - `UnetGenerator`: pix2pix `unet_256` (depth 8, 54,407,809 parameters for 1 -> 1 channels), with
   BatchNorm, dropout 0.5 on the `depth - 5` 512-channel levels next to the innermost one, and
@@ -43,7 +43,7 @@ TV_WEIGHT = 1e-4
 TAU = 0.1
 LR, BETAS = 2e-4, (0.5, 0.999)
 
-# Pinned parameter counts (METHOD.md section 1): 1-channel G, 2-channel D.
+# Pinned parameter counts (docs/method.md section 1): 1-channel G, 2-channel D.
 G_PARAMS = {8: 54_407_809, 7: 41_822_849}
 D_PARAMS = 2_764_609
 
@@ -271,7 +271,7 @@ def infonce_loss(q: torch.Tensor, k: torch.Tensor, tau: float = TAU) -> torch.Te
 
 
 # --------------------------------------------------------------------------------------------
-# Contrastive views (METHOD.md section 4)
+# Contrastive views (docs/method.md section 4)
 # --------------------------------------------------------------------------------------------
 
 
@@ -331,7 +331,7 @@ def contrastive_view(
 
 
 # --------------------------------------------------------------------------------------------
-# The train step (METHOD.md section 5)
+# The train step (docs/method.md section 5)
 # --------------------------------------------------------------------------------------------
 
 
@@ -586,7 +586,7 @@ def time_denoise(
 
 
 def self_check() -> dict[str, Any]:
-    """Parameter counts and output shapes of METHOD.md section 1-2 (cheap: no 256 forward)."""
+    """Parameter counts and output shapes of docs/method.md sections 1-2 (cheap: no 256 forward)."""
     g8, g7, d = UnetGenerator(8), UnetGenerator(7), PatchGAN()
     assert count_params(g8) == G_PARAMS[8], count_params(g8)
     assert count_params(g7) == G_PARAMS[7], count_params(g7)

@@ -1,4 +1,4 @@
-"""The code-faithful preset: what the authors' public PyTorch code runs (METHOD.md sections 1-6).
+"""The code-faithful preset: what the authors' PyTorch code runs (docs/method.md sections 1-6).
 
 unet_256 (8 levels), PatchGAN 70x70, L1 weight 100, batch 128, 500 + 300 epochs, InfoNCE with a
 frozen random projection head, reference (batch min-max) normalisation.
