@@ -10,9 +10,10 @@ Contents of the file (a plain zip, no pickles):
                         function's flattened argument leaves
 
 Size classes: the U-Net's transposed convolutions choose between two exact formulations by their
-static input size (`models.layers`, method "auto"), so one symbolic-shape export cannot cover every
-size. The file holds one export per range of h * w within which every layer's choice is fixed
-(symbolic constraints tell jax.export the range): 5 or 6 small programs, no weights in them.
+static input size (`models.layers.conv_transpose_breakpoints`), so one symbolic-shape export
+cannot cover every size. The file holds one export per range of h * w within which every layer's
+choice is fixed (symbolic constraints tell jax.export the range), and records the ranges
+("size_classes"): 5 or 6 small programs, no weights in them.
 
 The weights are an argument of the exported function, not constants folded into it, so the
 compiled program is the one `jax.jit` builds from the checkpoint and the outputs are bit-for-bit
@@ -52,11 +53,13 @@ def _exported_name(k: int) -> str:
 def size_classes(depth: int) -> list[SizeClass]:
     """Ranges of h * w (image height and width in units of 2**depth) within which every
     transposed convolution of the U-Net picks the same formulation. The one whose input is at
-    level j (1..depth) sees h * w * 4**(depth - j) pixels and uses "dot" up to
-    `_DOT_MAX_PIXELS` of them, "fused" above."""
-    from clidim_jax.models.layers import _DOT_MAX_PIXELS
+    level j (1..depth) sees h * w * 4**(depth - j) pixels and changes formulation after each of
+    `models.layers.conv_transpose_breakpoints()` pixels. The file records the classes it was
+    written with, so reading it does not depend on them."""
+    from clidim_jax.models.layers import conv_transpose_breakpoints
 
-    cuts = sorted({_DOT_MAX_PIXELS // 4 ** (depth - j) for j in range(1, depth + 1)} - {0})
+    breaks = conv_transpose_breakpoints()
+    cuts = sorted({b // 4 ** (depth - j) for b in breaks for j in range(1, depth + 1)} - {0})
     out: list[SizeClass] = []
     lo = 1
     for c in cuts:

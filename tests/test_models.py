@@ -1,6 +1,7 @@
-"""Tests of the networks: exact pix2pix parameter counts, shapes, the phase-decomposed transposed
-convolution and the custom-gradient 4x4 convolution against lax (value and both gradients) and a
-NumPy PyTorch-semantics reference, dropout, BatchNorm and init."""
+"""Tests of the networks: exact pix2pix parameter counts, shapes, the transposed convolution and
+the custom-gradient 4x4 convolution against lax (value and both gradients, every formulation of
+each, the private ones of `models.layers` and the reference ones kept here) and a NumPy
+PyTorch-semantics reference, dropout, BatchNorm and init."""
 
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ from clidim_jax.models import (
     conv_4x4,
     conv_transpose_4x4_s2,
     count_params,
+    layers,
     normal_init,
 )
-from clidim_jax.models.layers import BatchNorm, make_norm
+from clidim_jax.models.layers import BatchNorm, conv_transpose_breakpoints, make_norm
 
 
 def init(module: nn.Module, seed: int, x: jax.Array, **kwargs) -> dict:
@@ -225,8 +227,37 @@ def torch_weight_to_kernel(w: np.ndarray) -> np.ndarray:
     return w.transpose(2, 3, 0, 1)[::-1, ::-1]
 
 
-# The last two are large enough for "auto" to pick the convolution forms ("fused" value, "conv"
-# input gradient; "im2col" weight gradient for 3 output channels, "fused" for 5).
+def conv_transpose_phases(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """A formulation that lost to both of `models.layers`' (kept as a reference): four stride-1
+    2x2 convolutions, one per output phase, then an interleave."""
+    n, h, w, _ = x.shape
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    rows = []
+    for py in (0, 1):
+        cols = [
+            lax.conv_general_dilated(
+                xp[:, py : py + h + 1, px : px + w + 1],
+                kernel[py::2, px::2],
+                (1, 1),
+                "VALID",
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
+            for px in (0, 1)
+        ]
+        rows.append(jnp.stack(cols, axis=3))  # (N, H, W, px, C)
+    return jnp.stack(rows, axis=2).reshape(n, 2 * h, 2 * w, -1)  # (N, H, py, W, px, C)
+
+
+# The forward formulations: the two `conv_transpose_4x4_s2` picks by size, and the reference.
+CT_FORMS = {
+    "dot": layers._conv_transpose_dot,
+    "phases": conv_transpose_phases,
+    "fused": layers._conv_transpose_fused,
+}
+
+# The last two are large enough for `conv_transpose_4x4_s2` to pick the convolution forms
+# ("fused" value when above the breakpoint, convolution input gradient; "im2col" weight
+# gradient for 3 output channels, "fused" for 5).
 CT_SHAPES = [
     ((2, 5, 7, 3), 4),
     ((1, 6, 6, 5), 2),
@@ -242,46 +273,91 @@ def value_and_grads(fn, x: jax.Array, kernel: jax.Array, cotangent: jax.Array):
     return (y, *vjp(cotangent))
 
 
-# Each forward form with its autodiff gradients ("lax"), then each custom gradient on every shape.
-CT_PARAMS = [(m, *case, "lax", "lax") for m in ("dot", "phases", "fused") for case in CT_SHAPES] + [
-    ("auto", *case, *grads)
-    for case in CT_SHAPES
-    for grads in (("auto", "auto"), ("dot", "im2col"), ("conv", "fused"))
-]
-
-
-@pytest.mark.parametrize("method, x_shape, cout, input_grad, kernel_grad", CT_PARAMS)
-def test_conv_transpose_matches_lax_value_and_grads(
-    method: str, x_shape: tuple[int, ...], cout: int, input_grad: str, kernel_grad: str
-) -> None:
+def ct_data(x_shape: tuple[int, ...], cout: int) -> list[jax.Array]:
+    """x, kernel and an output cotangent for a transposed convolution."""
     out_shape = (x_shape[0], 2 * x_shape[1], 2 * x_shape[2], cout)
-    x, kernel, cotangent = randn(sum(x_shape) + cout, x_shape, (4, 4, x_shape[-1], cout), out_shape)
+    return randn(sum(x_shape) + cout, x_shape, (4, 4, x_shape[-1], cout), out_shape)
 
-    def ct(x, k):
-        return conv_transpose_4x4_s2(
-            x, k, method=method, input_grad=input_grad, kernel_grad=kernel_grad
-        )
 
-    ours = jax.jit(lambda *a: value_and_grads(ct, *a))(x, kernel, cotangent)
+@pytest.mark.parametrize("form", list(CT_FORMS))
+@pytest.mark.parametrize("x_shape, cout", CT_SHAPES)
+def test_conv_transpose_forms_match_lax_value_and_autodiff_grads(
+    x_shape: tuple[int, ...], cout: int, form: str
+) -> None:
+    """Each forward formulation, with its autodiff gradients."""
+    x, kernel, cotangent = ct_data(x_shape, cout)
+    ours = jax.jit(lambda *a: value_and_grads(CT_FORMS[form], *a))(x, kernel, cotangent)
     ref = jax.jit(lambda *a: value_and_grads(lax_reference, *a))(x, kernel, cotangent)
-    assert ours[0].shape == ref[0].shape == out_shape
+    assert ours[0].shape == ref[0].shape == cotangent.shape
     for name, a, b in zip(("value", "grad x", "grad kernel"), ours, ref, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("method", ["dot", "phases", "fused"])
+@pytest.mark.parametrize("x_shape, cout", CT_SHAPES)
+def test_conv_transpose_matches_lax_value_and_grads(x_shape: tuple[int, ...], cout: int) -> None:
+    """`conv_transpose_4x4_s2` (the formulations it picks, with its custom VJP), and every
+    custom gradient formulation on every shape: input gradient as per-tap dots or as the
+    adjoint convolution, weight gradient as per-tap dots (im2col) or that of the "fused" form."""
+    x, kernel, cotangent = ct_data(x_shape, cout)
+
+    def ours(x, kernel, dy):
+        taps = layers._conv_transpose_grad_taps(dy)
+        return {
+            "value, grads": value_and_grads(conv_transpose_4x4_s2, x, kernel, dy),
+            "grad x (dot)": layers._conv_transpose_input_grad_dot(taps, kernel),
+            "grad x (conv)": layers._conv_transpose_input_grad_conv(kernel, dy),
+            "grad kernel (im2col)": layers._conv_transpose_kernel_grad_im2col(x, taps),
+            "grad kernel (fused)": layers._conv_transpose_kernel_grad_fused(x, kernel, dy),
+        }
+
+    got = jax.jit(ours)(x, kernel, cotangent)
+    ref = jax.jit(lambda *a: value_and_grads(lax_reference, *a))(x, kernel, cotangent)
+    assert got["value, grads"][0].shape == ref[0].shape == cotangent.shape
+    expected = {
+        "value, grads": ref,
+        "grad x (dot)": ref[1],
+        "grad x (conv)": ref[1],
+        "grad kernel (im2col)": ref[2],
+        "grad kernel (fused)": ref[2],
+    }
+    for name, a in got.items():
+        jax.tree.map(
+            lambda a, b, name=name: np.testing.assert_allclose(
+                a, b, rtol=1e-5, atol=1e-5, err_msg=name
+            ),
+            a,
+            expected[name],
+        )
+
+
+def test_conv_transpose_formulation_changes_only_at_the_breakpoints() -> None:
+    """`conv_transpose_breakpoints` (model export relies on it) states where the value's
+    formulation changes: dots up to the breakpoint, a convolution above."""
+    (limit,) = conv_transpose_breakpoints()
+    k = jnp.zeros((4, 4, 2, 3))
+
+    def primitives(h: int, w: int) -> set[str]:
+        jaxpr = jax.make_jaxpr(layers._conv_transpose_value)(jnp.zeros((1, h, w, 2)), k)
+        return {eqn.primitive.name for eqn in jaxpr.eqns}
+
+    for h, w in ((1, 1), (1, limit), (limit // 2, 2)):
+        assert "dot_general" in primitives(h, w) and "conv_general_dilated" not in primitives(h, w)
+    for h, w in ((1, limit + 1), (limit + 1, 1), (limit, limit)):
+        assert "conv_general_dilated" in primitives(h, w) and "dot_general" not in primitives(h, w)
+
+
+@pytest.mark.parametrize("form", ["public", *CT_FORMS])
 @pytest.mark.parametrize("x_shape, cout", CT_SHAPES[:2])
 def test_conv_transpose_matches_pytorch_semantics(
-    x_shape: tuple[int, ...], cout: int, method: str
+    x_shape: tuple[int, ...], cout: int, form: str
 ) -> None:
     rng = np.random.default_rng(0)
     x = rng.standard_normal(x_shape).astype(np.float32)
     w = rng.standard_normal((x_shape[-1], cout, 4, 4)).astype(np.float32)  # PyTorch layout
     expected = torch_conv_transpose_numpy(x.astype(np.float64), w.astype(np.float64))
     kernel = jnp.asarray(torch_weight_to_kernel(w))
-    np.testing.assert_allclose(
-        conv_transpose_4x4_s2(jnp.asarray(x), kernel, method=method), expected, atol=1e-5
-    )
+    fn = conv_transpose_4x4_s2 if form == "public" else CT_FORMS[form]
+    np.testing.assert_allclose(fn(jnp.asarray(x), kernel), expected, atol=1e-5)
     np.testing.assert_allclose(lax_reference(jnp.asarray(x), kernel), expected, atol=1e-5)
 
 
@@ -294,15 +370,13 @@ def test_conv_transpose_module_matches_flax_conv_transpose() -> None:
     np.testing.assert_allclose(ours.apply(v, x), flax_ct.apply(v, x), rtol=1e-5, atol=1e-5)
 
 
-def test_conv_transpose_rejects_bad_shapes() -> None:
+def test_conv_transpose_rejects_bad_shapes_and_takes_no_formulation() -> None:
+    x, k = jnp.zeros((1, 4, 4, 3)), jnp.zeros((4, 4, 3, 2))
     with pytest.raises(ValueError):
-        conv_transpose_4x4_s2(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3, 2)))
-    with pytest.raises(ValueError, match="method"):
-        conv_transpose_4x4_s2(jnp.zeros((1, 4, 4, 3)), jnp.zeros((4, 4, 3, 2)), method="x")
-    with pytest.raises(ValueError, match="input_grad"):
-        conv_transpose_4x4_s2(jnp.zeros((1, 4, 4, 3)), jnp.zeros((4, 4, 3, 2)), input_grad="x")
-    with pytest.raises(ValueError, match="kernel_grad"):
-        conv_transpose_4x4_s2(jnp.zeros((1, 4, 4, 3)), jnp.zeros((4, 4, 3, 2)), kernel_grad="s2d")
+        conv_transpose_4x4_s2(x, jnp.zeros((3, 3, 3, 2)))
+    for strategy in ("method", "input_grad", "kernel_grad"):
+        with pytest.raises(TypeError, match=strategy):
+            conv_transpose_4x4_s2(x, k, **{strategy: "auto"})
 
 
 # ---------------------------------------------------------------- 4x4 convolution (down)
@@ -338,50 +412,57 @@ CONV_CASES = [
     ((1, 4, 4, 4), 1, 1),
     ((1, 7, 6, 8), 1, 1),  # "auto" weight gradient: "shift"
 ]
-CONV_GRADS = [
-    ("auto", "auto"),
-    ("auto", "lax"),
-    ("lax", "im2col"),
-    ("transposed", "lax"),
-    ("dot", "im2col"),
-    ("lax", "s2d"),
-    ("lax", "shift"),
-]
 
 
-def _conv_grads_apply(case: tuple, grads: tuple[str, str]) -> bool:
-    """The phase forms ("transposed", "dot", "s2d") exist for stride 2 and even sizes only,
-    "shift" for stride 1."""
-    (_, h, w, _), _, stride = case
-    phases = stride == 2 and h % 2 == 0 and w % 2 == 0
-    if grads[0] in ("transposed", "dot") or grads[1] == "s2d":
-        return phases
-    return grads[1] != "shift" or stride == 1
-
-
-CONV_PARAMS = [
-    (*case, *grads) for case in CONV_CASES for grads in CONV_GRADS if _conv_grads_apply(case, grads)
-]
-
-
-@pytest.mark.parametrize("x_shape, cout, stride, input_grad, kernel_grad", CONV_PARAMS)
-def test_conv_4x4_matches_lax_value_and_grads(
-    x_shape: tuple[int, ...], cout: int, stride: int, input_grad: str, kernel_grad: str
-) -> None:
+def conv_data(x_shape: tuple[int, ...], cout: int, stride: int) -> list[jax.Array]:
+    """x, kernel and an output cotangent for a 4x4 convolution."""
     n, h, w, cin = x_shape
     out_shape = (n, (h - 2) // stride + 1, (w - 2) // stride + 1, cout)
-    x, kernel, cotangent = randn(sum(x_shape) + cout, x_shape, (4, 4, cin, cout), out_shape)
+    return randn(sum(x_shape) + cout, x_shape, (4, 4, cin, cout), out_shape)
 
-    def conv(x, k):
-        return conv_4x4(x, k, stride, input_grad=input_grad, kernel_grad=kernel_grad)
 
-    ours = jax.jit(lambda *a: value_and_grads(conv, *a))(x, kernel, cotangent)
+@pytest.mark.parametrize("x_shape, cout, stride", CONV_CASES)
+def test_conv_4x4_matches_lax_value_and_grads(
+    x_shape: tuple[int, ...], cout: int, stride: int
+) -> None:
+    """`conv_4x4` (the gradient formulations it picks, its custom VJP), and every gradient
+    formulation on every case it applies to: the phase forms (input gradient as a dot or as the
+    transposed convolution, weight gradient "s2d") for stride 2 and even sizes only, "shift"
+    for stride 1 only; autodiff and im2col everywhere."""
+    (_, h, w, _) = x_shape
+    phases = stride == 2 and h % 2 == 0 and w % 2 == 0
+    x, kernel, cotangent = conv_data(x_shape, cout, stride)
+
+    def ours(x, kernel, dy):
+        out = {
+            "value, grads": value_and_grads(lambda x, k: conv_4x4(x, k, stride), x, kernel, dy),
+            "grad x (lax)": layers._conv_input_grad_lax(x, kernel, dy, stride),
+            "grad kernel (lax)": layers._conv_kernel_grad_lax(x, kernel, dy, stride),
+            "grad kernel (im2col)": layers._conv_kernel_grad_im2col(x, dy, stride),
+        }
+        if phases:
+            out["grad x (dot)"] = layers._conv_input_grad_dot(kernel, dy)
+            out["grad x (transposed)"] = layers._conv_input_grad_transposed(kernel, dy)
+            out["grad kernel (s2d)"] = layers._conv_kernel_grad_s2d(x, kernel, dy)
+        if stride == 1:
+            out["grad kernel (shift)"] = layers._conv_kernel_grad_shift(x, dy)
+        return out
+
+    got = jax.jit(ours)(x, kernel, cotangent)
     ref = jax.jit(lambda *a: value_and_grads(lambda x, k: lax_conv_reference(x, k, stride), *a))(
         x, kernel, cotangent
     )
-    assert ours[0].shape == ref[0].shape == out_shape
-    for name, a, b in zip(("value", "grad x", "grad kernel"), ours, ref, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+    assert got["value, grads"][0].shape == ref[0].shape == cotangent.shape
+    assert len(got) == 4 + 3 * phases + (stride == 1)
+    for name, a in got.items():
+        b = ref if name == "value, grads" else ref[1] if name.startswith("grad x") else ref[2]
+        jax.tree.map(
+            lambda a, b, name=name: np.testing.assert_allclose(
+                a, b, rtol=1e-5, atol=1e-5, err_msg=name
+            ),
+            a,
+            b,
+        )
 
 
 @pytest.mark.parametrize("x_shape, cout, stride", CONV_CASES[:2] + CONV_CASES[4:5])
@@ -419,22 +500,15 @@ def test_conv_module_matches_flax_conv_variables_and_output(stride: int) -> None
     assert set(no_bias) == {"kernel"}
 
 
-def test_conv_4x4_rejects_bad_arguments() -> None:
+def test_conv_4x4_rejects_bad_arguments_and_takes_no_formulation() -> None:
     with pytest.raises(ValueError):
         conv_4x4(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3, 2)))
     with pytest.raises(ValueError, match="stride"):
         conv_4x4(jnp.zeros((1, 4, 4, 3)), jnp.zeros((4, 4, 3, 2)), 3)
     x, k = jnp.zeros((1, 5, 4, 3)), jnp.zeros((4, 4, 3, 2))
-    with pytest.raises(ValueError, match="kernel_grad"):
-        conv_4x4(x, k, 2, kernel_grad="fused")
-    with pytest.raises(ValueError, match="input_grad"):
-        conv_4x4(x, k, 2, input_grad="conv")
-    with pytest.raises(ValueError, match="even-sized"):
-        conv_4x4(x, k, 2, kernel_grad="s2d")  # odd height
-    with pytest.raises(ValueError, match="even-sized"):
-        conv_4x4(jnp.zeros((1, 4, 4, 3)), k, 1, input_grad="dot")
-    with pytest.raises(ValueError, match="'shift' needs stride 1"):
-        conv_4x4(jnp.zeros((1, 4, 4, 3)), k, 2, kernel_grad="shift")
+    for strategy in ("input_grad", "kernel_grad"):
+        with pytest.raises(TypeError, match=strategy):
+            conv_4x4(x, k, 2, **{strategy: "auto"})
 
 
 # ---------------------------------------------------------------- dropout and BatchNorm

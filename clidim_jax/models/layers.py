@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Literal
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -18,16 +18,22 @@ Initializer = nn.initializers.Initializer
 _DN = ("NHWC", "HWIO", "NHWC")
 
 
-# Formulation choices by static shape (measured on the 2-core CPU, `benchmarks/conv_grads.py`
-# and the reference train step). "dot" forms keep the kernel in its stored (4, 4, Cin, Cout)
-# layout: XLA on CPU copies a kernel whose Cin and Cout axes must be swapped at a few ns per
-# element, which for the 1-8 Mi-float inner kernels of unet_256 cost more than their
-# convolutions. At small spatial sizes the dots are as fast as the convolutions; at large ones
-# their 4x4 footprints (4x the output) cost memory traffic, so the convolution forms stay.
+# Formulations by static shape (measured on the 2-core CPU, `benchmarks/conv_grads.py` and the
+# reference train step). One private selector picks each: `_conv_transpose_value`,
+# `_conv_transpose_grads` and `_conv_grads`; the public functions and modules take no choice.
+# The transposed convolution's alternatives that lost (four phase convolutions; autodiff of
+# the forward forms) are in `tests/test_models.py`, which proves every formulation equal.
+# "Dot" forms keep the kernel in its stored (4, 4, Cin, Cout) layout: XLA on CPU copies a
+# kernel whose Cin and Cout axes must be swapped at a few ns per element, which for the 1-8
+# Mi-float inner kernels of unet_256 cost more than their convolutions. At small spatial sizes
+# the dots are as fast as the convolutions; at large ones their 4x4 footprints (4x the output)
+# cost memory traffic, so the convolution forms stay.
 #
 # Transposed convolution: "dot" up to this many input pixels per image (H * W), else "fused".
 # "fused" computes an (H+1) x (W+1) output (phases shifted by one pixel): its overhead is
-# (H+1)(W+1)/(HW), negligible from 32x32 on, where one wide convolution beats the dots.
+# (H+1)(W+1)/(HW), negligible from 32x32 on, where one wide convolution beats the dots. (Four
+# 2x2 convolutions, one per output phase, lost to both.) `conv_transpose_breakpoints()` is the
+# public statement of this choice (model export needs it).
 _DOT_MAX_PIXELS = 256
 # Input gradients as dots up to this many pixels on the small side (the output of a strided
 # convolution, the input of a transposed one), else as the adjoint convolution (the transposed
@@ -44,7 +50,8 @@ _DX_DOT_MAX_PIXELS = 64
 # pixels; the transposed convolution's as the weight gradient of its "fused" stride-1 form,
 # or per-tap dots ("im2col") up to `_T_IM2COL_MAX_PIXELS` input pixels (or few output
 # channels); a stride-1 convolution with few output channels (PatchGAN's last layer, where the
-# convolution form runs at a few GFLOP/s) as one dot over shifted rows ("shift").
+# convolution form runs at a few GFLOP/s) as one dot over shifted rows ("shift"). The
+# thresholds are read when a function is traced (`benchmarks/ab_step.py` varies them).
 _IM2COL_MAX_PIXELS = 16
 _T_IM2COL_MAX_PIXELS = 64
 
@@ -91,20 +98,6 @@ def _conv_valid(x: Array, kernel: Array) -> Array:
     return lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=_DN)
 
 
-def _conv_transpose_phases(x: Array, kernel: Array) -> Array:
-    """Four stride-1 2x2 convolutions, one per output phase, then an interleave."""
-    n, h, w, _ = x.shape
-    xp = _pad1(x)
-    rows = []
-    for py in (0, 1):
-        cols = [
-            _conv_valid(xp[:, py : py + h + 1, px : px + w + 1], kernel[py::2, px::2])
-            for px in (0, 1)
-        ]
-        rows.append(jnp.stack(cols, axis=3))  # (N, H, W, px, C)
-    return jnp.stack(rows, axis=2).reshape(n, 2 * h, 2 * w, -1)  # (N, H, py, W, px, C)
-
-
 def _conv_transpose_fused(x: Array, kernel: Array) -> Array:
     """One stride-1 2x2 convolution with 4*Cout channels, then depth-to-space and a 1-pixel crop.
 
@@ -130,16 +123,24 @@ def _conv_transpose_dot(x: Array, kernel: Array) -> Array:
     return _col2im_s2(_tap_grid(lambda ty, tx: (x2 @ kernel[3 - ty, 3 - tx]).reshape(n, h, w, -1)))
 
 
-def _conv_transpose_value(x: Array, kernel: Array, method: str) -> Array:
-    if method == "auto":
-        method = "dot" if x.shape[1] * x.shape[2] <= _DOT_MAX_PIXELS else "fused"
-    if method == "dot":
+def _conv_transpose_value(x: Array, kernel: Array) -> Array:
+    """The transposed convolution's value: "dot" up to `_DOT_MAX_PIXELS` input pixels per image,
+    else "fused" (see `conv_transpose_breakpoints`)."""
+    if x.shape[1] * x.shape[2] <= _DOT_MAX_PIXELS:
         return _conv_transpose_dot(x, kernel)
-    if method == "phases":
-        return _conv_transpose_phases(x, kernel)
-    if method == "fused":
-        return _conv_transpose_fused(x, kernel)
-    raise ValueError(f"method must be 'auto', 'dot', 'phases' or 'fused', got {method!r}")
+    return _conv_transpose_fused(x, kernel)
+
+
+def conv_transpose_breakpoints() -> tuple[int, ...]:
+    """The input sizes, in pixels per image (H * W), after which `conv_transpose_4x4_s2` (and
+    `ConvTranspose4x4`) change the formulation of their value, in increasing order.
+
+    The value is computed by one exact formulation or another chosen from the static input
+    shape; within each range [1, b0], [b0 + 1, b1], ..., [b_last + 1, inf) the program is the
+    same. A shape-polymorphic export (`clidim_jax.export`) needs one program per range. The
+    formulations give the same values up to float rounding, not bit for bit.
+    """
+    return (_DOT_MAX_PIXELS,)
 
 
 def _tap_grid(fn) -> list[list[Array]]:
@@ -216,68 +217,81 @@ def _swap_flip(kernel: Array) -> Array:
 # ------------------------------------------------------------------ transposed convolution (up)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv_transpose(x: Array, kernel: Array, method: str, input_grad: str, kernel_grad: str):
-    return _conv_transpose_value(x, kernel, method)
+def _conv_transpose_grad_taps(dy: Array) -> list[list[Array]]:
+    """The padded output gradient's stride-2 windows, shared by both dot forms of the gradients."""
+    return _window_taps(_pad1(dy), 2, dy.shape[1] // 2, dy.shape[2] // 2)
 
 
-def _conv_transpose_fwd(x, kernel, method, input_grad, kernel_grad):
-    return _conv_transpose_value(x, kernel, method), (x, kernel)
+def _conv_transpose_input_grad_dot(taps: list[list[Array]], kernel: Array) -> Array:
+    """dx[i] = sum_t pad1(dy)[2i + t] . kernel[3 - t]^T: per tap, a dot contracting Cout, the
+    kernel block's minor axis (no transposed copy of the kernel)."""
+    n, h, w, _ = taps[0][0].shape
+    terms = [
+        _dot_nt(_rows(taps[ty][tx]), kernel[3 - ty, 3 - tx]) for ty in range(4) for tx in range(4)
+    ]
+    return sum(terms[1:], terms[0]).reshape(n, h, w, kernel.shape[2])
 
 
-def _conv_transpose_bwd(method, input_grad, kernel_grad, res, dy):
-    x, kernel = res
-    if input_grad == "auto":
-        input_grad = "dot" if x.shape[1] * x.shape[2] <= _DX_DOT_MAX_PIXELS else "conv"
-    if kernel_grad == "auto":
-        small = _small(x.shape[1] * x.shape[2], _T_IM2COL_MAX_PIXELS, kernel.shape[-1])
-        kernel_grad = "im2col" if small else "fused"
-    _, h, w, _ = x.shape
-    if input_grad == "dot" or kernel_grad == "im2col":
-        # The padded output gradient's stride-2 windows, shared by both dot forms.
-        taps = _window_taps(_pad1(dy), 2, h, w)
-    if input_grad == "dot":
-        # dx[i] = sum_t pad1(dy)[2i + t] . kernel[3 - t]^T: per tap, a dot contracting Cout,
-        # the kernel block's minor axis (no transposed copy of the kernel).
-        terms = [
-            _dot_nt(_rows(taps[ty][tx]), kernel[3 - ty, 3 - tx])
-            for ty in range(4)
-            for tx in range(4)
-        ]
-        dx = sum(terms[1:], terms[0]).reshape(x.shape)
-    elif input_grad == "conv":
-        # The adjoint of the transposed convolution is the strided convolution.
-        dx = _conv_lax(dy, _swap_flip(kernel), 2)
+def _conv_transpose_input_grad_conv(kernel: Array, dy: Array) -> Array:
+    """The adjoint of the transposed convolution: the 4x4 stride-2 convolution with the flipped,
+    swapped kernel."""
+    return _conv_lax(dy, _swap_flip(kernel), 2)
+
+
+def _conv_transpose_kernel_grad_im2col(x: Array, taps: list[list[Array]]) -> Array:
+    """kernel[3 - t] pairs x[i] with y[2i - 1 + t] = pad1(y)[2i + t] (per spatial axis): per
+    tap, x^T against the stride-2 slice of the padded output gradient, stacked in place."""
+    x2 = _rows(x)
+    return jnp.stack(
+        [jnp.stack([_dot_tn(x2, _rows(taps[3 - u][3 - v])) for v in range(4)]) for u in range(4)]
+    )
+
+
+def _conv_transpose_kernel_grad_fused(x: Array, kernel: Array, dy: Array) -> Array:
+    """The weight gradient of the "fused" form: one stride-1 convolution over the whole image
+    with a 2x2 output, near matmul speed on XLA's CPU convolutions."""
+    return jax.vjp(lambda k: _conv_transpose_fused(x, k), kernel)[1](dy)[0]
+
+
+def _conv_transpose_grads(x: Array, kernel: Array, dy: Array) -> tuple[Array, Array]:
+    """The transposed convolution's (input, weight) gradients: the input gradient as per-tap
+    dots up to `_DX_DOT_MAX_PIXELS` input pixels, else as the adjoint convolution; the weight
+    gradient as per-tap dots ("im2col") up to `_T_IM2COL_MAX_PIXELS` input pixels or
+    `_DOT_MAX_CHANNELS` output channels, else as that of the "fused" form."""
+    pixels = x.shape[1] * x.shape[2]
+    dx_dot = pixels <= _DX_DOT_MAX_PIXELS
+    dk_im2col = _small(pixels, _T_IM2COL_MAX_PIXELS, kernel.shape[-1])
+    if dx_dot or dk_im2col:
+        taps = _conv_transpose_grad_taps(dy)
+    if dx_dot:
+        dx = _conv_transpose_input_grad_dot(taps, kernel)
     else:
-        dx = jax.vjp(lambda x: _conv_transpose_value(x, kernel, method), x)[1](dy)[0]
-    if kernel_grad == "im2col":
-        # kernel[3 - t] pairs x[i] with y[2i - 1 + t] = pad1(y)[2i + t] (per spatial axis): per
-        # tap, x^T against the stride-2 slice of the padded output gradient, stacked in place.
-        x2 = _rows(x)
-        dk = jnp.stack(
-            [
-                jnp.stack([_dot_tn(x2, _rows(taps[3 - u][3 - v])) for v in range(4)])
-                for u in range(4)
-            ]
-        ).astype(kernel.dtype)
-    elif kernel_grad == "fused":
-        dk = jax.vjp(lambda k: _conv_transpose_fused(x, k), kernel)[1](dy)[0]
+        dx = _conv_transpose_input_grad_conv(kernel, dy)
+    if dk_im2col:
+        dk = _conv_transpose_kernel_grad_im2col(x, taps).astype(kernel.dtype)
     else:
-        dk = jax.vjp(lambda k: _conv_transpose_value(x, k, method), kernel)[1](dy)[0]
+        dk = _conv_transpose_kernel_grad_fused(x, kernel, dy)
     return dx, dk
+
+
+@jax.custom_vjp
+def _conv_transpose(x: Array, kernel: Array) -> Array:
+    return _conv_transpose_value(x, kernel)
+
+
+def _conv_transpose_fwd(x, kernel):
+    return _conv_transpose_value(x, kernel), (x, kernel)
+
+
+def _conv_transpose_bwd(res, dy):
+    x, kernel = res
+    return _conv_transpose_grads(x, kernel, dy)
 
 
 _conv_transpose.defvjp(_conv_transpose_fwd, _conv_transpose_bwd)
 
 
-def conv_transpose_4x4_s2(
-    x: Array,
-    kernel: Array,
-    *,
-    method: Literal["auto", "dot", "phases", "fused"] = "auto",
-    input_grad: Literal["auto", "dot", "lax", "conv"] = "auto",
-    kernel_grad: Literal["auto", "im2col", "fused", "lax"] = "auto",
-) -> Array:
+def conv_transpose_4x4_s2(x: Array, kernel: Array) -> Array:
     """PyTorch `ConvTranspose2d(4, stride=2, padding=1)` on NHWC: (N,H,W,Cin) -> (N,2H,2W,Cout).
 
     `kernel` is (4, 4, Cin, Cout) in the orientation of `flax.linen.ConvTranspose` (transpose_kernel
@@ -296,33 +310,21 @@ def conv_transpose_4x4_s2(
     since PyTorch scatters y[o] += x[i] * w[o - 2i + 1] while the correlation above reads
     kernel[2i - o + 2] = kernel[3 - (o - 2i + 1)].
 
-    Value: the formulations are exact rearrangements of the same products: "dot" (one dot per
-    kernel tap with its (Cin, Cout) block, the 4x4 footprints summed into place) for small
-    spatial inputs, where the kernel is large and must not be copied; "fused" (one 2x2
-    convolution with 4*Cout outputs) for large ones; "phases" (four 2x2 convolutions) is kept
-    as a reference. "auto" picks "dot" up to `_DOT_MAX_PIXELS` input pixels, else "fused".
-
-    Gradients (a custom VJP; the same values as autodiff, summed in another order):
-    `kernel_grad`: "im2col" (per tap, a dot of x against the stride-2 slice of the padded
-    output gradient), "fused" (the weight gradient of the "fused" form: one stride-1
-    convolution over the whole image with a 2x2 output, near matmul speed on XLA's CPU
-    convolutions), "lax" (autodiff of the forward form); "auto" is "im2col" up to
-    `_T_IM2COL_MAX_PIXELS` input pixels or `_DOT_MAX_CHANNELS` output channels, else "fused".
-    `input_grad`: "dot" (per tap, the output gradient's stride-2 slice against the kernel block,
-    contracting Cout), "conv" (the equivalent 4x4 stride-2 convolution with the flipped,
-    swapped kernel), "lax" (autodiff of the forward form); "auto" is "dot" up to
-    `_DX_DOT_MAX_PIXELS` input pixels, else "conv".
+    Value: exact rearrangements of the same products, chosen by the static input size: up to
+    `_DOT_MAX_PIXELS` input pixels per image, one dot per kernel tap with its (Cin, Cout) block
+    (the 4x4 footprints summed into place), where the kernel is large and must not be copied;
+    above, one 2x2 convolution with 4*Cout outputs (`conv_transpose_breakpoints` publishes the
+    switch). Gradients: a custom VJP, the same values as autodiff summed in another order. The
+    input gradient is per tap the output gradient's stride-2 slice against the kernel block,
+    contracting Cout, up to `_DX_DOT_MAX_PIXELS` input pixels, else the equivalent 4x4 stride-2
+    convolution with the flipped, swapped kernel. The weight gradient is per tap a dot of x
+    against the stride-2 slice of the padded output gradient up to `_T_IM2COL_MAX_PIXELS` input
+    pixels or `_DOT_MAX_CHANNELS` output channels, else the weight gradient of the 2x2 form (one
+    stride-1 convolution over the whole image with a 2x2 output, near matmul speed on XLA's CPU
+    convolutions).
     """
     _check_4x4(x, kernel)
-    if method not in ("auto", "dot", "phases", "fused"):
-        raise ValueError(f"method must be 'auto', 'dot', 'phases' or 'fused', got {method!r}")
-    if input_grad not in ("auto", "dot", "lax", "conv"):
-        raise ValueError(f"input_grad must be 'auto', 'dot', 'lax' or 'conv', got {input_grad!r}")
-    if kernel_grad not in ("auto", "im2col", "fused", "lax"):
-        raise ValueError(
-            f"kernel_grad must be 'auto', 'im2col', 'fused' or 'lax', got {kernel_grad!r}"
-        )
-    return _conv_transpose(x, kernel, method, input_grad, kernel_grad)
+    return _conv_transpose(x, kernel)
 
 
 # ------------------------------------------------------------------ convolution (down)
@@ -350,7 +352,7 @@ def _conv_s2d(x: Array, kernel: Array) -> Array:
     return _conv_valid(_space_to_depth(_pad1(x)), k2.reshape(2, 2, 4 * cin, cout))
 
 
-def _kernel_grad_shift_s1(x: Array, dy: Array) -> Array:
+def _conv_kernel_grad_shift(x: Array, dy: Array) -> Array:
     """Weight gradient of the 4x4 stride-1 pad-1 convolution as one dot over flattened pixels.
 
     With xp = pad1(x) flattened to rows p = (n, r, c) of width W' = W + 2, and dy zero-padded
@@ -372,116 +374,120 @@ def _kernel_grad_shift_s1(x: Array, dy: Array) -> Array:
     return dk.transpose(1, 0, 2).reshape(4, 4, cin, cout)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv(x: Array, kernel: Array, stride: int, input_grad: str, kernel_grad: str) -> Array:
-    return _conv_lax(x, kernel, stride)
-
-
-def _conv_fwd(x, kernel, stride, input_grad, kernel_grad):
-    return _conv_lax(x, kernel, stride), (x, kernel)
-
-
 def _phase_decomposable(x: Array, stride: int) -> bool:
     """Stride 2 and an even-sized input: the forms built on the 2x2 phases apply."""
     return stride == 2 and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0
 
 
-def _conv_bwd(stride, input_grad, kernel_grad, res, dy):
-    x, kernel = res
+def _conv_input_grad_dot(kernel: Array, dy: Array) -> Array:
+    """Stride 2, even sizes: dx_pad[2o + t] += dy[o] . kernel[t]^T, one dot contracting Cout (the
+    kernel's minor axis: no transposed copy of the kernel), then the footprints summed into
+    place."""
+    n, ho, wo, cout = dy.shape
+    cin = kernel.shape[2]
+    cols = _dot_nt(_rows(dy), kernel.reshape(16 * cin, cout)).reshape(n, ho, wo, 4, 4, cin)
+    return _col2im_s2(_tap_grid(lambda ty, tx: cols[:, :, :, ty, tx]))
+
+
+def _conv_input_grad_transposed(kernel: Array, dy: Array) -> Array:
+    """Stride 2, even sizes: the adjoint of the 4x4 stride-2 pad-1 convolution is the transposed
+    convolution with the flipped, swapped kernel, in its stride-1 forms, where autodiff gives an
+    input-dilated convolution that XLA on CPU runs several times slower."""
+    return _conv_transpose_value(dy, _swap_flip(kernel))
+
+
+def _conv_input_grad_lax(x: Array, kernel: Array, dy: Array, stride: int) -> Array:
+    """Autodiff's input gradient (an input-dilated convolution)."""
+    return jax.vjp(lambda x: _conv_lax(x, kernel, stride), x)[1](dy)[0]
+
+
+def _conv_kernel_grad_im2col(x: Array, dy: Array, stride: int) -> Array:
+    """One dot of the 4x4 patches of x with the output gradient."""
     _, ho, wo, cout = dy.shape
-    cin = x.shape[-1]
+    p = _patches(_pad1(x), stride, ho, wo)  # (N, Ho, Wo, (ty, tx, Cin))
+    return _dot_tn(_rows(p), _rows(dy)).reshape(4, 4, x.shape[-1], cout)
+
+
+def _conv_kernel_grad_s2d(x: Array, kernel: Array, dy: Array) -> Array:
+    """Stride 2, even sizes: the weight gradient of the equal stride-1 2x2 convolution of the
+    space-to-depth input, which XLA's CPU convolutions run 1.3-1.5x faster than the strided
+    one."""
+    return jax.vjp(lambda k: _conv_s2d(x, k), kernel)[1](dy)[0]
+
+
+def _conv_kernel_grad_lax(x: Array, kernel: Array, dy: Array, stride: int) -> Array:
+    """Autodiff's weight gradient."""
+    return jax.vjp(lambda k: _conv_lax(x, k, stride), kernel)[1](dy)[0]
+
+
+def _conv_grads(x: Array, kernel: Array, stride: int, dy: Array) -> tuple[Array, Array]:
+    """The 4x4 convolution's (input, weight) gradients. Input: for stride 2 and an even-sized
+    input, the dot form up to `_DX_DOT_MAX_PIXELS` output pixels or `_DOT_MAX_CHANNELS` input
+    channels, else the transposed convolution; autodiff otherwise. Weight: im2col up to
+    `_IM2COL_MAX_PIXELS` output pixels (above, the patches, 4 times the input at stride 2, cost
+    more), else "s2d" for stride 2 and even sizes, "shift" for stride 1 and at most
+    `_DOT_MAX_CHANNELS` output channels, autodiff otherwise."""
+    _, ho, wo, cout = dy.shape
     phases = _phase_decomposable(x, stride)
-    if input_grad == "auto":
-        if phases:
-            input_grad = "dot" if _small(ho * wo, _DX_DOT_MAX_PIXELS, cin) else "transposed"
-        else:
-            input_grad = "lax"
-    if kernel_grad == "auto":
-        if ho * wo <= _IM2COL_MAX_PIXELS:
-            kernel_grad = "im2col"
-        elif phases:
-            kernel_grad = "s2d"
-        elif stride == 1 and cout <= _DOT_MAX_CHANNELS:
-            kernel_grad = "shift"
-        else:
-            kernel_grad = "lax"
-    if input_grad == "dot":
-        # dx_pad[2o + t] += dy[o] . kernel[t]^T: one dot contracting Cout (the kernel's minor
-        # axis: no transposed copy of the kernel), then the footprints summed into place.
-        n = dy.shape[0]
-        cols = _dot_nt(_rows(dy), kernel.reshape(16 * cin, cout)).reshape(n, ho, wo, 4, 4, cin)
-        dx = _col2im_s2(_tap_grid(lambda ty, tx: cols[:, :, :, ty, tx]))
-    elif input_grad == "transposed":
-        # The adjoint of the 4x4 stride-2 pad-1 convolution of an even-sized input is the
-        # transposed convolution with the flipped, swapped kernel: stride-1 convolutions, where
-        # autodiff gives an input-dilated convolution that XLA on CPU runs slowly.
-        dx = _conv_transpose_value(dy, _swap_flip(kernel), "auto")
+    if not phases:
+        dx = _conv_input_grad_lax(x, kernel, dy, stride)
+    elif _small(ho * wo, _DX_DOT_MAX_PIXELS, x.shape[-1]):
+        dx = _conv_input_grad_dot(kernel, dy)
     else:
-        dx = jax.vjp(lambda x: _conv_lax(x, kernel, stride), x)[1](dy)[0]
-    if kernel_grad == "shift":
-        dk = _kernel_grad_shift_s1(x, dy)
-    elif kernel_grad == "s2d":
-        dk = jax.vjp(lambda k: _conv_s2d(x, k), kernel)[1](dy)[0]
-    elif kernel_grad == "im2col":
-        p = _patches(_pad1(x), stride, ho, wo)  # (N, Ho, Wo, (ty, tx, Cin))
-        dk = _dot_tn(_rows(p), _rows(dy)).reshape(4, 4, cin, cout).astype(kernel.dtype)
+        dx = _conv_input_grad_transposed(kernel, dy)
+    if ho * wo <= _IM2COL_MAX_PIXELS:
+        dk = _conv_kernel_grad_im2col(x, dy, stride).astype(kernel.dtype)
+    elif phases:
+        dk = _conv_kernel_grad_s2d(x, kernel, dy)
+    elif stride == 1 and cout <= _DOT_MAX_CHANNELS:
+        dk = _conv_kernel_grad_shift(x, dy)
     else:
-        dk = jax.vjp(lambda k: _conv_lax(x, k, stride), kernel)[1](dy)[0]
+        dk = _conv_kernel_grad_lax(x, kernel, dy, stride)
     return dx, dk
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv(x: Array, kernel: Array, stride: int) -> Array:
+    return _conv_lax(x, kernel, stride)
+
+
+def _conv_fwd(x, kernel, stride):
+    return _conv_lax(x, kernel, stride), (x, kernel)
+
+
+def _conv_bwd(stride, res, dy):
+    x, kernel = res
+    return _conv_grads(x, kernel, stride, dy)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def conv_4x4(
-    x: Array,
-    kernel: Array,
-    stride: int = 2,
-    *,
-    input_grad: Literal["auto", "dot", "transposed", "lax"] = "auto",
-    kernel_grad: Literal["auto", "lax", "im2col", "s2d", "shift"] = "auto",
-) -> Array:
+def conv_4x4(x: Array, kernel: Array, stride: int = 2) -> Array:
     """PyTorch `Conv2d(Cin, Cout, 4, stride, padding=1)` on NHWC with a (4, 4, Cin, Cout) kernel:
 
         lax.conv_general_dilated(x, kernel, (stride, stride), ((1, 1), (1, 1)),
                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     in value and gradients. The value is that convolution; the gradients are a custom VJP (the
-    same values, summed in another order). Input gradient, for stride 2 and an even-sized
-    input: "dot" (one dot of the output gradient with the kernel as stored, contracting Cout,
-    the 4x4 footprints summed into place) or "transposed" (the phase-decomposed transposed
-    convolution of the output gradient with the flipped, swapped kernel), both in place of the
-    input-dilated convolution of autodiff ("lax"), which XLA on CPU runs several times slower;
-    "auto" is "dot" up to `_DX_DOT_MAX_PIXELS` output pixels or `_DOT_MAX_CHANNELS` input
-    channels, else "transposed" (and "lax" for stride 1 or odd sizes). Weight gradient: "im2col"
-    (one dot of the 4x4 patches of x with the output gradient), "s2d" (stride 2, even sizes:
-    the weight gradient of the equal stride-1 2x2 convolution of the space-to-depth input,
-    which XLA's CPU convolutions run 1.3-1.5x faster than the strided one), "shift" (stride
-    1: one dot of the padded input's rows with the output gradient shifted per tap) or "lax"
-    (autodiff); "auto" is "im2col" up to `_IM2COL_MAX_PIXELS` output pixels (above, the
-    patches, 4 times the input at stride 2, cost more), else "s2d" for stride 2 and even
-    sizes, "shift" for stride 1 and at most `_DOT_MAX_CHANNELS` output channels, "lax" otherwise.
+    same values, summed in another order), formulated by static shape. Input gradient, for
+    stride 2 and an even-sized input: one dot of the output gradient with the kernel as stored,
+    contracting Cout, the 4x4 footprints summed into place (up to `_DX_DOT_MAX_PIXELS` output
+    pixels or `_DOT_MAX_CHANNELS` input channels), else the phase-decomposed transposed
+    convolution of the output gradient with the flipped, swapped kernel, both in place of the
+    input-dilated convolution of autodiff, which XLA on CPU runs several times slower (and
+    which stays for stride 1 or odd sizes). Weight gradient: one dot of the 4x4 patches of x
+    with the output gradient up to `_IM2COL_MAX_PIXELS` output pixels (above, the patches, 4
+    times the input at stride 2, cost more); else, for stride 2 and even sizes, the weight
+    gradient of the equal stride-1 2x2 convolution of the space-to-depth input (which XLA's
+    CPU convolutions run 1.3-1.5x faster than the strided one); for stride 1 and at most
+    `_DOT_MAX_CHANNELS` output channels, one dot of the padded input's rows with the output
+    gradient shifted per tap; autodiff otherwise.
     """
     _check_4x4(x, kernel)
     if stride not in (1, 2):
         raise ValueError(f"stride must be 1 or 2, got {stride}")
-    phases = _phase_decomposable(x, stride)
-    if input_grad not in ("auto", "dot", "transposed", "lax"):
-        raise ValueError(
-            f"input_grad must be 'auto', 'dot', 'transposed' or 'lax', got {input_grad!r}"
-        )
-    if kernel_grad not in ("auto", "lax", "im2col", "s2d", "shift"):
-        raise ValueError(
-            f"kernel_grad must be 'auto', 'lax', 'im2col', 's2d' or 'shift', got {kernel_grad!r}"
-        )
-    if not phases and (input_grad in ("dot", "transposed") or kernel_grad == "s2d"):
-        raise ValueError(
-            f"input_grad {input_grad!r} / kernel_grad {kernel_grad!r}: 'dot', 'transposed' and "
-            f"'s2d' need stride 2 and an even-sized input, got stride {stride} and {x.shape}"
-        )
-    if kernel_grad == "shift" and stride != 1:
-        raise ValueError(f"kernel_grad 'shift' needs stride 1, got stride {stride}")
-    return _conv(x, kernel, stride, input_grad, kernel_grad)
+    return _conv(x, kernel, stride)
 
 
 class Conv4x4(nn.Module):
@@ -524,16 +530,13 @@ class ConvTranspose4x4(nn.Module):
     kernel_init: Initializer = normal_init(0.02)
     bias_init: Initializer = nn.initializers.zeros_init()
     dtype: Dtype = jnp.float32
-    method: Literal["auto", "phases", "fused"] = "auto"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kernel = self.param(
             "kernel", self.kernel_init, (4, 4, x.shape[-1], self.features), jnp.float32
         )
-        y = conv_transpose_4x4_s2(
-            x.astype(self.dtype), kernel.astype(self.dtype), method=self.method
-        )
+        y = conv_transpose_4x4_s2(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
             y = y + bias.astype(self.dtype)
