@@ -477,8 +477,8 @@ def main() -> None:
         results["demo"] = info
         save()
     if "recipe" in rows or "figure" in rows:
-        from clidim_jax.denoise import denoiser_from_run
         from clidim_jax.evaluate import zoom_box
+        from clidim_jax.run import denoiser_from_run
 
         shown = {}
         for fname in sorted(os.listdir(os.path.join(args.out, "shown"))):

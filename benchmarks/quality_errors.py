@@ -31,11 +31,14 @@ def describe(name: str, stack: np.ndarray, gt: np.ndarray) -> None:
         raw.append(psnr(x, gt))
         gain.append(psnr((x * gt).sum() / (x * x).sum() * x, gt))
         a = np.stack([x.ravel(), np.ones(x.size)], 1)
-        affine.append(psnr((a @ np.linalg.lstsq(a, gt.ravel(), rcond=None)[0]).reshape(x.shape), gt))
+        affine.append(
+            psnr((a @ np.linalg.lstsq(a, gt.ravel(), rcond=None)[0]).reshape(x.shape), gt)
+        )
     bright = gt >= np.percentile(gt, 99)
     print(
         f"  {name:12s} PSNR {np.mean(raw):6.2f}  oracle gain {np.mean(gain):6.2f}  "
-        f"oracle gain+offset {np.mean(affine):6.2f}  mean of frames {psnr(stack.mean(0), gt):6.2f}  "
+        f"oracle gain+offset {np.mean(affine):6.2f}  "
+        f"mean of frames {psnr(stack.mean(0), gt):6.2f}  "
         f"error on brightest 1% {(stack[:, bright] - gt[bright]).mean():+5.2f}"
     )
 
@@ -54,8 +57,12 @@ def main() -> None:
         gt = gt[0] if gt.ndim == 3 else gt
         print(f"{f}:")
         describe("noisy", noisy, gt)
-        describe("gaussian", np.stack([gaussian_filter(n, a.sigma, mode="mirror") for n in noisy]), gt)
-        preds = {n: tifffile.imread(Path(d) / f"{f}.tif").astype(np.float64) for n, d in runs.items()}
+        describe(
+            "gaussian", np.stack([gaussian_filter(n, a.sigma, mode="mirror") for n in noisy]), gt
+        )
+        preds = {
+            n: tifffile.imread(Path(d) / f"{f}.tif").astype(np.float64) for n, d in runs.items()
+        }
         for n, x in preds.items():
             describe(n, x, gt)
         for k in range(2, len(preds) + 1):

@@ -28,6 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from clidim_jax import metrics  # noqa: E402
+from clidim_jax import run as run_lib  # noqa: E402
 from clidim_jax import train as train_lib  # noqa: E402
 from clidim_jax.inference import Denoiser  # noqa: E402
 
@@ -96,8 +97,8 @@ def main() -> None:
     t0 = time.perf_counter()
     run = train_lib.train(c, wd)
     train_s = time.perf_counter() - t0
-    best = train_lib.restore_run(wd)
-    variables = train_lib.generator_variables(best.state)
+    best = run_lib.restore_run(wd)
+    variables = best.variables
     den = Denoiser(best.nets.generator, variables, best.norm, 4, tta=tta)
     res = {"name": args.name, "overrides": args.overrides, "train_s": round(train_s, 1),
            "steps": run.step, "checkpoint": best.step}  # fmt: skip

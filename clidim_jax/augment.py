@@ -1,4 +1,4 @@
-"""Jittable augmentations: contrastive views (METHOD.md section 4) and training flips/rotations."""
+"""Jittable augmentations: contrastive views (docs/method.md section 4), flips, rotations."""
 
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def contrastive_view(
 ) -> jax.Array:
     """One augmented view of a (B, H, W, C) batch of (noisy, candidate) pairs, same shape.
 
-    In METHOD.md's order: horizontal flip (p=0.5, per sample); Gaussian blur 3x3 sigma 1.5 of the
+    In order: horizontal flip (p=0.5, per sample); Gaussian blur 3x3 sigma 1.5 of the
     whole batch with probability `blur_p` (one draw per call, as the reference); random resized
     crop back to (H, W) per sample, bilinear with align_corners=True. All channels of a sample
     share its transform.

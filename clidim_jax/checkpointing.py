@@ -19,7 +19,6 @@ after the new one is committed.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import os
 import shutil
@@ -38,9 +37,6 @@ from orbax.checkpoint import checkpoint_managers as policies
 from clidim_jax.config_lib import ConfigError
 
 BEST_METRIC = "val_psnr"  # higher is better
-# Test only: "STEP:SECONDS" holds the commit of that step's save open for SECONDS, so that a
-# test can kill the process while the save is in flight.
-HOLD_SAVE_ENV = "CLIDIM_JAX_TEST_HOLD_SAVE"
 
 
 class CheckpointError(RuntimeError):
@@ -120,23 +116,6 @@ def _all_finite(leaves: list[jax.Array]) -> jax.Array:
 # --------------------------------------------------------------------------- the manager
 
 
-def _hold_save_class() -> type | None:
-    spec = os.environ.get(HOLD_SAVE_ENV)
-    if not spec:
-        return None
-    step, seconds = spec.split(":")
-    from orbax.checkpoint.path import atomicity
-
-    class HeldSave(atomicity.AtomicRenameTemporaryPath):
-        async def finalize(self, *args, **kwargs):
-            if self.get_final().name == step:
-                print(f"[test hook] holding the save of step {step} open", flush=True)
-                await asyncio.sleep(float(seconds))
-            return await super().finalize(*args, **kwargs)
-
-    return HeldSave
-
-
 def _registry() -> Any:
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     for item in ("state", "loop"):
@@ -197,7 +176,6 @@ class Checkpoints:
                 create=not read_only,
                 read_only=read_only,
                 cleanup_tmp_directories=not read_only,
-                temporary_path_class=_hold_save_class(),
             ),
             handler_registry=_registry(),
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+import signal
 import sys
 
 from absl import flags
@@ -31,6 +32,10 @@ commands:
             compile the train step (or whole-image inference) ahead of time and report compile
             time, step time, images/s, XLA FLOPs, achieved FLOP/s vs a measured matmul peak,
             memory and parameters
+
+exit status: 0 done; 1 training diverged, a checkpoint could not be written or read, or a
+  download failed; 2 a usage, config or data error, or a workdir in use by another process;
+  130 interrupted (a stopped `train` saves a checkpoint first and exits 0)
 
 examples:
   clidim-jax train --workdir runs/demo
@@ -134,11 +139,13 @@ def _define_command_flags(command: str, fv: flags.FlagValues) -> None:
         flags.DEFINE_string("json", None, "Write the figures to this JSON file.", flag_values=fv)
         flags.DEFINE_enum("mode", "train", ["train", "denoise"], "What to time.", flag_values=fv)
     if command == "evaluate":
-        flags.DEFINE_enum("split", "test", ["test", "train"], "Split to evaluate.", flag_values=fv)
+        from clidim_jax.evaluate import METRIC_CHOICES, SPLITS
+
+        flags.DEFINE_enum("split", "test", list(SPLITS), "Split to evaluate.", flag_values=fv)
         flags.DEFINE_enum(
             "metrics",
             "standard",
-            ["standard", "reference", "both"],
+            list(METRIC_CHOICES),
             "standard: comparable metrics; reference: the authors' code's; both: side by side.",
             flag_values=fv,
         )
@@ -230,7 +237,8 @@ def parse_args(command: str, argv: list[str]) -> tuple[flags.FlagValues, list[st
 
 def run_denoise(fv: flags.FlagValues, input_path: str, output_path: str) -> None:
     """Checks the files first (fast errors), then loads the model and denoises."""
-    from clidim_jax.denoise import TiffPlanes, check_output, denoise_tiff, denoiser_from_run
+    from clidim_jax.denoise import TiffPlanes, check_output, denoise_tiff
+    from clidim_jax.run import denoiser_from_run
 
     check_output(output_path, fv.overwrite)
     with TiffPlanes(input_path) as src:
@@ -262,6 +270,66 @@ def run_denoise(fv: flags.FlagValues, input_path: str, output_path: str) -> None
     print(f"wrote {output_path}: shape {tuple(summary['shape'])}, {summary['dtype']}")
 
 
+def _background_errors_to_file(path: str) -> None:
+    """Orbax's background save threads report a failed save (a full disk) with pages of
+    tracebacks from several threads before the main thread gets the error; `train` reports it
+    in one line (CheckpointError) and keeps those details in `path`, opened on first use."""
+    import logging
+    import threading
+
+    class LazyFileHandler(logging.FileHandler):
+        def __init__(self):
+            super().__init__(path, delay=True, encoding="utf-8")
+
+    handler = LazyFileHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.ERROR)
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.propagate = False
+    logging.getLogger("absl").addHandler(_below_error_to_stderr())
+
+    def thread_hook(args) -> None:
+        if args.exc_type is SystemExit:
+            return
+        logging.getLogger("asyncio").error(
+            "in thread %s", args.thread.name if args.thread else "?",
+            exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+        )  # fmt: skip
+
+    threading.excepthook = thread_hook
+    default_excepthook = sys.excepthook
+
+    def excepthook(exc_type, exc, tb) -> None:  # (also called by C code of other threads)
+        if threading.current_thread() is threading.main_thread():
+            default_excepthook(exc_type, exc, tb)
+        else:
+            logging.getLogger("asyncio").error("in a callback", exc_info=(exc_type, exc, tb))
+
+    sys.excepthook = excepthook
+
+    def unraisable(u) -> None:  # e.g. a save callback run after its event loop closed
+        logging.getLogger("asyncio").error(
+            "%s", u.err_msg or "unraisable", exc_info=(u.exc_type, u.exc_value, u.exc_traceback)
+        )
+
+    sys.unraisablehook = unraisable
+
+
+def _below_error_to_stderr():
+    import logging
+
+    h = logging.StreamHandler(sys.stderr)
+    h.addFilter(lambda r: r.levelno < logging.ERROR)
+    h.setLevel(logging.WARNING)
+    return h
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def entry() -> int:
     """The `clidim-jax` program: `main` after re-executing with huge pages for malloc where
     that helps (see `clidim_jax.malloc_env`; `CLIDIM_JAX_DEFAULT_MALLOC=1` turns it off)."""
@@ -277,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
+    details = None  # a file that holds the details of a failure, if any
     from clidim_jax.config_lib import ConfigError
     from clidim_jax.data.tiff import DataError
 
@@ -284,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         if command == "train":
             fv = parse_flags(command, rest)
             start_runtime(fv)
+            details = os.path.join(fv.workdir, "errors.log")
+            _background_errors_to_file(details)
             from clidim_jax.train import train_and_evaluate
 
             train_and_evaluate(fv.config, fv.workdir)
@@ -296,17 +367,19 @@ def main(argv: list[str] | None = None) -> int:
             print(format_benchmark(result))
         elif command == "evaluate":
             fv = parse_flags(command, rest)
+            from clidim_jax.evaluate import evaluate_run
             from clidim_jax.inference import TilingError
-            from clidim_jax.train import evaluate_workdir
 
             try:
-                evaluate_workdir(
+                evaluate_run(
                     fv.workdir, split=fv.split, metrics_mode=fv.metrics, tile=fv.tile, tta=fv.tta
                 )
             except TilingError as e:
                 raise UsageError(str(e)) from None
         elif command == "denoise":
             fv, (input_path, output_path) = parse_args(command, rest)
+            # SIGTERM as Ctrl-C: the partial output is removed on the way out.
+            signal.signal(signal.SIGTERM, _interrupt)
             run_denoise(fv, input_path, output_path)
         elif command == "download":
             fv, (name,) = parse_args(command, rest)
@@ -327,21 +400,24 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ConfigError, DataError, FileNotFoundError) as e:
         print(f"clidim-jax {command}: error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:
-        dl = sys.modules.get("clidim_jax.data.download")
-        if dl is None or not isinstance(e, dl.DownloadError):
-            raise
-        print(f"clidim-jax {command}: error: {e}", file=sys.stderr)
-        return 1
-    except FloatingPointError as e:
+    except FloatingPointError as e:  # a diverged run (train.py names the step and the terms)
         print(f"clidim-jax {command}: training diverged: {e}", file=sys.stderr)
         return 1
-    except RuntimeError as e:  # a checkpoint that cannot be written (full disk) or read
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside training
+        print(f"clidim-jax {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        # Errors of modules that may not be imported yet (the CLI imports lazily).
         ckpt = sys.modules.get("clidim_jax.checkpointing")
-        if ckpt is None or not isinstance(e, ckpt.CheckpointError):
-            raise
-        print(f"clidim-jax {command}: checkpoint error: {e}", file=sys.stderr)
-        return 1
+        if ckpt is not None and isinstance(e, ckpt.CheckpointError):
+            more = f" (details: {details})" if details and os.path.exists(details) else ""
+            print(f"clidim-jax {command}: checkpoint error: {e}{more}", file=sys.stderr)
+            return 1
+        dl = sys.modules.get("clidim_jax.data.download")
+        if dl is not None and isinstance(e, dl.DownloadError):
+            print(f"clidim-jax {command}: error: {e}", file=sys.stderr)
+            return 1
+        raise
     return 0
 
 

@@ -20,7 +20,8 @@ VARIANTS: dict[str, dict[str, float]] = {
 
 
 def parse_arg(arg: str | None) -> dict[str, str]:
-    """Parses a big_vision style config argument `key=value,key2=value2` (or a bare variant)."""
+    """Parses a big_vision style config argument `key=value,key2=value2`, where a bare item is
+    the variant, or `tiny` (big_vision's `runlocal`: see `apply_tiny`)."""
     out: dict[str, str] = {}
     if not arg:
         return out
@@ -31,6 +32,8 @@ def parse_arg(arg: str | None) -> dict[str, str]:
         if "=" in item:
             k, v = item.split("=", 1)
             out[k.strip()] = v.strip()
+        elif item == "tiny":
+            out["tiny"] = "true"
         else:
             out["variant"] = item
     return out
@@ -178,15 +181,18 @@ def apply_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def apply_args(c: ml_collections.ConfigDict, arg: str | None, allowed: tuple[str, ...]) -> None:
-    """Applies the `PATH:key=value` arguments a preset accepts (`variant` always)."""
+    """Applies the `PATH:key=value` arguments a preset accepts (`variant` and `tiny` always)."""
     args = parse_arg(arg)
     variant = args.pop("variant", None)
     if variant is not None:
         apply_variant(c, variant)
+    if args.pop("tiny", None):
+        apply_tiny(c)
     for k, v in args.items():
         if k not in allowed:
             raise ValueError(
-                f"unknown config argument {k!r}; this preset accepts variant, {', '.join(allowed)}"
+                f"unknown config argument {k!r}; this preset accepts variant, tiny, "
+                f"{', '.join(allowed)}"
             )
         if k == "dataset":
             if v not in DATASET_ARGS:

@@ -247,32 +247,6 @@ def denoise_tiff(
         }
 
 
-def denoiser_from_run(
-    workdir: str,
-    *,
-    tile: int | None = None,
-    overlap: int | None = None,
-    batch_size: int | None = None,
-    tta: bool | None = None,
-) -> Denoiser:
-    """A `Denoiser` for the selected checkpoint of a training run (the best by validation PSNR
-    when the run has validation data, else the latest), with its config's tiling and
-    test-time-augmentation defaults."""
-    from clidim_jax.train import generator_variables, restore_run
-
-    config, nets, state, norm = restore_run(workdir)
-    ev = config.eval
-    return Denoiser(
-        nets.generator,
-        generator_variables(state),
-        norm,
-        batch_size or ev.batch_size,
-        tile=int(tile or ev.get("tile", 512)),
-        overlap=overlap if overlap is not None else (int(ev.get("tile_overlap", 0)) or None),
-        tta=bool(ev.get("tta", False)) if tta is None else tta,
-    )
-
-
 def example_image_path() -> str:
     """The bundled example input: frame 0 of the Convallaria benchmark stack (1024 x 1024 uint16,
     CC-BY-4.0, Prakash et al., ISBI 2020; `clidim_jax/data/examples/CREDIT.md`)."""

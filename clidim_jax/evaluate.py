@@ -14,10 +14,12 @@ from scipy import ndimage
 
 from clidim_jax import metrics
 from clidim_jax.data.datasets import PairedImages
-from clidim_jax.data.normalization import Normalization
+from clidim_jax.data.normalization import Normalization, min_max_normalization
 from clidim_jax.inference import Denoiser
+from clidim_jax.run import WorkdirLock, dataset_name, restore_run
 
-METRIC_CHOICES = ("standard", "reference", "both")
+METRIC_CHOICES = (*metrics.MODES, "both")
+SPLITS = ("test", "train")
 _NAMES = ("psnr", "ssim", "nrmse")
 
 
@@ -40,13 +42,7 @@ def gaussian_baseline(
 def reference_test_normalizations(test: PairedImages) -> list[Normalization]:
     """The reference code's test-time normalisation: min-max of each noisy image *and its clean
     image* together (it leaks the ground truth; reproduction only)."""
-    out = []
-    for i in range(len(test)):
-        noisy, clean = test.pair(i)
-        lo = float(min(noisy.min(), clean.min()))
-        hi = float(max(noisy.max(), clean.max()))
-        out.append(Normalization(lo, hi if hi > lo else lo + 1.0, "reference"))
-    return out
+    return [min_max_normalization(test.pair(i)) for i in range(len(test))]
 
 
 def zoom_box(gt: np.ndarray, frac: float = 0.25) -> tuple[int, int, int]:
@@ -153,7 +149,7 @@ def markdown_table(result: dict) -> str:
         if std:
             row += cells(result[key])
         if both:
-            row += cells(result["reference"][key], 5)  # its SSIM sits near 1, NRMSE near 0
+            row += cells(result["reference"][key], 5)
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     ck = result.get("checkpoint")
@@ -168,7 +164,7 @@ def markdown_table(result: dict) -> str:
     if std:
         lines.append(
             "PSNR, SSIM (2-D) and NRMSE in the comparable convention: float64, original units, "
-            "data range = max - min of each ground-truth image (METHOD.md section 7)."
+            "data range = max - min of each ground-truth image (docs/method.md section 7)."
         )
     if both:
         lines.append(
@@ -298,36 +294,28 @@ def evaluate_run(
     import jax
 
     from clidim_jax.data import load_datasets
-    from clidim_jax.train import _dataset_name, generator_variables, restore_run
 
-    if split not in ("test", "train"):
-        raise ValueError(f"split must be test or train, got {split!r}")
-    restored = restore_run(workdir)
-    config, nets, state, norm = restored
-    train_ds, test_ds = load_datasets(config.data, config.train.batch_size, config.seed)
-    ds = test_ds if split == "test" else train_ds
-    ev = config.eval
-    denoiser = Denoiser(
-        nets.generator,
-        generator_variables(state),
-        norm,
-        ev.batch_size,
-        tile=int(tile or ev.get("tile", 512)),
-        overlap=int(ev.get("tile_overlap", 0)) or None,
-        tta=bool(ev.get("tta", False)) if tta is None else tta,
-    )
-    result = evaluate(
-        denoiser,
-        ds,
-        workdir,
-        dataset=_dataset_name(config),
-        split=split,
-        baseline_sigmas=tuple(ev.baseline_sigmas),
-        write=jax.process_index() == 0,
-        metrics_mode=metrics_mode,
-        model_name=f"{config.name}:{config.variant}",
-        checkpoint={"step": restored.step, "selected_by": restored.selected_by},
-    )
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    with WorkdirLock(workdir, "evaluate"):  # eval.* are written into the run
+        restored = restore_run(workdir)
+        config = restored.config
+        train_ds, test_ds = load_datasets(config.data, config.train.batch_size, config.seed)
+        ds = test_ds if split == "test" else train_ds
+        ev = config.eval
+        denoiser = restored.denoiser(tile=tile, tta=tta)
+        result = evaluate(
+            denoiser,
+            ds,
+            workdir,
+            dataset=dataset_name(config),
+            split=split,
+            baseline_sigmas=tuple(ev.baseline_sigmas),
+            write=jax.process_index() == 0,
+            metrics_mode=metrics_mode,
+            model_name=f"{config.name}:{config.variant}",
+            checkpoint=restored.checkpoint,
+        )
     if not quiet and jax.process_index() == 0:
         print(format_result(result), flush=True)
     return result

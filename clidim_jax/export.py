@@ -245,12 +245,13 @@ def export_run(
     """Exports the selected checkpoint of a training run (the best by validation PSNR when the
     run has validation data, else the latest) to a model file; returns its metadata."""
     from clidim_jax.denoise import check_output
-    from clidim_jax.train import generator_variables, restore_run
+    from clidim_jax.run import check_not_busy, restore_run
 
     check_output(out, overwrite)  # fail before the (slow) restore and export
+    check_not_busy(workdir, "export")  # not a run still being written
     restored = restore_run(workdir)
     config, nets, state, norm = restored
-    variables = jax.device_get(generator_variables(state))
+    variables = restored.variables
     exported = export_generator(nets.generator, variables, platforms=platforms)
     g = nets.generator
     ev = config.eval

@@ -1,4 +1,4 @@
-"""CLIDiM loss terms (METHOD.md sections 3 and 4) as pure, jit- and vmap-friendly JAX functions."""
+"""CLIDiM loss terms (docs/method.md sections 3, 4): pure, jit- and vmap-friendly JAX functions."""
 
 from __future__ import annotations
 

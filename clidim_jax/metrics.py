@@ -1,8 +1,9 @@
 """Image-quality metrics: the comparable convention, and the reference code's own metrics.
 
-Comparable convention (PN2V, DivNoising, CARE; METHOD.md section 7): float64, original intensity
-units, data range = gt.max - gt.min of each ground-truth image; PSNR, standard 2-D SSIM and
-NRMSE = RMSE / range, averaged over images. These are the numbers to compare with published ones.
+Comparable convention (PN2V, DivNoising, CARE; docs/method.md section 7): float64, original
+intensity units, data range = gt.max - gt.min of each ground-truth image; PSNR, standard 2-D
+SSIM and NRMSE = RMSE / range, averaged over images. These are the numbers to compare with
+published ones.
 
 Reference-code metrics (`reference_*`): what the authors' evaluation computes, reproduced so the
 two can be shown side by side. Their numbers (Table I of the paper) are not comparable:

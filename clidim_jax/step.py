@@ -1,4 +1,4 @@
-"""The one CLIDiM train step: contrastive D step, GAN D step, G step (METHOD.md section 5).
+"""The one CLIDiM train step: contrastive D step, GAN D step, G step (docs/method.md section 5).
 
 `make_train_step` returns a pure function `(state, batch, key) -> (state, metrics)`; everything it
 does (views, blur, crops, the three updates) is one XLA program under `jax.jit`. Each loss term is

@@ -24,7 +24,7 @@ Arguments: `own_data:variant=cl_tv_ssim,seed=1` (any variant of config_lib.VARIA
 
 import ml_collections
 
-from clidim_jax.config_lib import apply_args, apply_tiny, apply_variant, base_config
+from clidim_jax.config_lib import apply_args, apply_variant, base_config, parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -56,9 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.log_every = 100
     c.checkpoint.every_steps = 250  # each save validates: the candidates for the best
     c.checkpoint.keep = 2
-    items = [i.strip() for i in (arg or "").split(",")]
-    if "tiny" in items:
-        apply_tiny(c)
+    apply_args(c, arg, allowed=("seed",))
+    if parse_arg(arg).get("tiny"):
         c.checkpoint.every_steps = 2  # validate (and keep the best) during those 6 steps
-    apply_args(c, ",".join(i for i in items if i != "tiny"), allowed=("seed",))
     return c

@@ -28,25 +28,16 @@ def tiny():
     return tiny_config
 
 
-# The tiny model of `tiny_config` as command-line overrides ...
-TINY_MODEL_FLAGS = [
-    "--config.model.depth=4",
-    "--config.model.ngf=8",
-    "--config.model.ndf=8",
-    "--config.data.patch_size=32",
-    "--config.train.batch_size=2",
-]
+# `tiny_config` on the command line: the bundled demo with the `tiny` config argument.
+TINY_FLAGS = ["--config=demo:tiny"]
 
 
-def tiny_train_flags(n_epochs: int = 2) -> list[str]:
-    """... plus a training of (n_epochs + 1) epochs of 2 steps."""
-    return [
-        *TINY_MODEL_FLAGS,
-        f"--config.train.n_epochs={n_epochs}",
-        "--config.train.n_epochs_decay=1",
-        "--config.train.steps_per_epoch=2",
-        "--config.train.log_every=2",
-    ]
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One tiny demo run trained through the command line, shared by the tests of a session
+    (read it, or copy it before changing it): (workdir, the finished `train` process)."""
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    return workdir, run_cli("train", f"--workdir={workdir}", *TINY_FLAGS)
 
 
 def run_cli(*args, check=True):

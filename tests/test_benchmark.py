@@ -3,11 +3,11 @@
 import json
 
 import pytest
-from conftest import TINY_MODEL_FLAGS
+from conftest import TINY_FLAGS
 
 from clidim_jax import cli
 
-TINY = TINY_MODEL_FLAGS
+TINY = TINY_FLAGS
 KEYS = (
     "compile_s",
     "step_s",

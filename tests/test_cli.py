@@ -5,16 +5,12 @@ import json
 import os
 
 import pytest
-from conftest import run_cli, tiny_train_flags
-
-TINY = tiny_train_flags()
+from conftest import run_cli
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("run")
-    p = run_cli("train", f"--workdir={workdir}", *TINY)
-    return workdir, p
+def trained(tiny_run):
+    return tiny_run
 
 
 def test_train_writes_every_artifact(trained):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tifffile
-from conftest import run_cli, tiny_config, tiny_train_flags
+from conftest import TINY_FLAGS, run_cli, tiny_config
 
 from clidim_jax import cli
 from clidim_jax.data import DataError, load_datasets
@@ -369,7 +369,7 @@ def test_cli_bad_input_exits_2_with_one_line_and_leaves_the_workdir_alone(tmp_pa
 
 # --- End to end through the command line, and the host-memory bound ---------------------------
 
-TINY = [*tiny_train_flags(n_epochs=1), "--config.eval.baseline_sigmas=(1.0,)"]
+TINY = [*TINY_FLAGS, "--config.train.n_epochs=1", "--config.eval.baseline_sigmas=(1.0,)"]
 
 
 def test_train_end_to_end_on_a_stack_and_on_paired_folders(tmp_path):

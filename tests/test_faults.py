@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from clidim_jax.checkpointing import HOLD_SAVE_ENV, Checkpoints
+from clidim_jax.checkpointing import Checkpoints
 from clidim_jax.train import train
 
 N = 12
@@ -39,22 +39,26 @@ def same_bits(a, b) -> bool:
     )
 
 
-def start_cli(tmp_path, cfg, workdir, **env):
-    """`python -m clidim_jax train` on exactly `cfg` (through a config file that loads its JSON)."""
+def start_cli(tmp_path, cfg, workdir, hold_save=None):
+    """`python -m clidim_jax train` on exactly `cfg` (through a config file that loads its JSON);
+    with `hold_save` ("STEP:SECONDS"), through tests/held_save_cli.py."""
     cfg_json = tmp_path / "cfg.json"
     cfg_json.write_text(cfg.to_json_best_effort())
     cfg_py = tmp_path / "cfg.py"
     cfg_py.write_text(
-        "import json\nfrom clidim_jax.train import config_from_metadata\n"
+        "import json\nfrom clidim_jax.run import config_from_metadata\n"
         "def get_config():\n"
         f"    return config_from_metadata({{'config': json.load(open({str(cfg_json)!r}))}})\n"
     )
+    program = ["-m", "clidim_jax"]
+    if hold_save:
+        program = [os.path.join(os.path.dirname(__file__), "held_save_cli.py"), hold_save]
     return subprocess.Popen(
-        [sys.executable, "-m", "clidim_jax", "train", f"--workdir={workdir}", f"--config={cfg_py}"],
+        [sys.executable, *program, "train", f"--workdir={workdir}", f"--config={cfg_py}"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **env),
+        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1"),
     )
 
 
@@ -102,9 +106,9 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(uninterrupted, tmp_path):
 def test_sigkill_during_a_save_keeps_the_previous_checkpoint(uninterrupted, tmp_path, capsys):
     a_dir, a = uninterrupted
     workdir = tmp_path / "run"
-    # Checkpoints at 4, 8, 12; the test hook holds the save of step 8 open (data written, not
-    # committed) and the process is killed then.
-    proc = start_cli(tmp_path, config(N, every=4), workdir, **{HOLD_SAVE_ENV: "8:300"})
+    # Checkpoints at 4, 8, 12; the save of step 8 is held open (data written, not committed)
+    # and the process is killed then.
+    proc = start_cli(tmp_path, config(N, every=4), workdir, hold_save="8:300")
     read_until(proc, r"holding the save of step 8 open")
     names = os.listdir(workdir / "checkpoints")
     assert any(n.startswith("8.") and "tmp" in n for n in names), names

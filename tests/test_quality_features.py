@@ -11,6 +11,7 @@ import pytest
 import tifffile
 from scipy import ndimage
 
+from clidim_jax import run as run_lib
 from clidim_jax import train as train_lib
 from clidim_jax.config_lib import ConfigError, validate
 from clidim_jax.data.normalization import NoiseModel, Normalization, fit_noise_model
@@ -165,7 +166,7 @@ def test_bright_clean_targets_are_reproduced_without_clipping(tmp_path, tiny):
     norm = run.norm
     # Every clean intensity maps inside the generator's range and back exactly.
     np.testing.assert_allclose(norm.invert(norm.apply(clean)), clean, rtol=1e-6)
-    den = Denoiser(run.nets.generator, train_lib.local_generator_variables(run.state), norm)
+    den = Denoiser(run.nets.generator, run_lib.local_generator_variables(run.state), norm)
     pred = den(noisy[:2])
     assert pred.max() > 1.2 * p999, (pred.max(), p999)
     # The pix2pix setting (tanh on the noisy percentiles) is bounded by that percentile.
@@ -229,11 +230,11 @@ def test_evaluate_denoise_and_export_use_the_best_validated_checkpoint(tmp_path,
                 scores[row["step"]] = row["val/psnr"]
     assert sorted(scores) == [2, 4, 6, 8, 10]
     best = max(scores, key=lambda s: (scores[s], s))
-    restored = train_lib.restore_run(wd)
+    restored = run_lib.restore_run(wd)
     assert restored.step == best
     assert "best validation PSNR" in restored.selected_by
     assert int(restored.state.step) == best
-    latest = train_lib.restore_run(wd, select="latest")
+    latest = run_lib.restore_run(wd, select="latest")
     assert latest.step == 10
     from clidim_jax.evaluate import evaluate_run
 
@@ -257,7 +258,7 @@ def test_a_run_without_validation_uses_its_final_state(tmp_path, tiny):
     result = train_lib.train_and_evaluate(c, wd)
     assert result["checkpoint"]["step"] == 6
     assert "final" in result["checkpoint"]["selected_by"]
-    assert train_lib.restore_run(wd).selected_by == "latest checkpoint"
+    assert run_lib.restore_run(wd).selected_by == "latest checkpoint"
     # `evaluate --tta` through the command line: the flag reaches eval.json and the prediction.
     from conftest import run_cli
 

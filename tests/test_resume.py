@@ -1,6 +1,7 @@
 """Determinism and exact resume of whole training runs (tiny model, CPU), the NaN stop, and the
 refusal of a workdir whose checkpoints another config made."""
 
+import collections
 import hashlib
 import json
 import os
@@ -134,6 +135,8 @@ def test_nan_stops_training_naming_step_and_term(monkeypatch, tmp_path):
         return step
 
     monkeypatch.setattr(train_lib, "make_sampled_train_step", poisoned)
+    # (a compiled loop step cached by an earlier test would bypass the poisoned factory)
+    monkeypatch.setattr(train_lib, "_compiled_steps", collections.OrderedDict())
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 5: g_l1\. "):
         train(config(N, every=2), str(tmp_path))
     ck = Checkpoints(str(tmp_path), read_only=True)
@@ -162,7 +165,7 @@ def test_incompatible_config_is_refused_and_the_workdir_untouched(uninterrupted,
     cfg_json.write_text(json.dumps(json.loads(config(N).to_json_best_effort())))
     cfg_py = tmp_path / "cfg.py"
     cfg_py.write_text(
-        "import json\nfrom clidim_jax.train import config_from_metadata\n"
+        "import json\nfrom clidim_jax.run import config_from_metadata\n"
         "def get_config():\n"
         f"    return config_from_metadata({{'config': json.load(open({str(cfg_json)!r}))}})\n"
     )

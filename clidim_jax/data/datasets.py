@@ -33,7 +33,7 @@ GROUND_TRUTHS = ("mean", "mean_uint16")
 # A rectangle (y0, y1, x0, x1); None = the image edge.
 Rect = tuple[int | None, int | None, int | None, int | None]
 
-# The PN2V spatial splits of the three benchmarks (METHOD.md section 6): (train regions in
+# The PN2V spatial splits of the three benchmarks (docs/method.md section 6): (train regions in
 # order, test region). Convallaria trains on the bottom-right, top-right and bottom-left 512x512
 # quadrants, in that order, and tests on the top-left one.
 BENCHMARK_SPLITS: dict[str, tuple[tuple[Rect, ...], Rect]] = {
@@ -512,7 +512,7 @@ def carve_validation(
 ) -> tuple[PairedImages, PairedImages | None]:
     """Splits the validation region off the right edge of every training region: its last
     round(full_width * val_fraction) columns. The test split is never touched (the reference
-    code picked its best checkpoint on the test set, METHOD.md section 7)."""
+    code picked its best checkpoint on the test set, docs/method.md section 7)."""
     if val_fraction <= 0:
         return train, None
     w_val = int(round(full_width * val_fraction))
@@ -543,7 +543,7 @@ def _region_name(base: str, views: np.ndarray, what: str) -> str:
 
 
 def few_shot(train: PairedImages, n: int, batch_size: int, seed: int) -> PairedImages:
-    """The reference's few-shot selection (METHOD.md section 6): N < batch size takes the fixed
+    """The reference's few-shot selection (docs/method.md section 6): N < batch size takes the fixed
     slice [50:50+N] of the (sorted) training images, otherwise a seeded random subset; either way
     repeated up to the full training-set length, so an epoch keeps its number of steps.
 

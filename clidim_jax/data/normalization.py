@@ -207,3 +207,13 @@ class Normalization:
             str(d.get("mode", "percentile")),
             NoiseModel(float(noise["gain"]), float(noise["offset"])) if noise else None,
         )
+
+
+def min_max_normalization(images: Iterable[np.ndarray]) -> Normalization:
+    """The reference code's normalisation ("reference" mode): the one min and max over all
+    `images` (noisy and clean together) mapped to [-1, 1]. (The train step computes the same
+    per batch, traced, in `clidim_jax.step.normalize_batch`.)"""
+    lo, hi = np.inf, -np.inf
+    for a in images:
+        lo, hi = min(lo, float(np.min(a))), max(hi, float(np.max(a)))
+    return Normalization(lo, hi if hi > lo else lo + 1.0, "reference")
