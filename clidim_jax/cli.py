@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.resources
 import os
-import signal
 import sys
 
 from absl import flags
@@ -326,10 +325,6 @@ def _below_error_to_stderr():
     return h
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def entry() -> int:
     """The `clidim-jax` program: `main` after re-executing with huge pages for malloc where
     that helps (see `clidim_jax.malloc_env`; `CLIDIM_JAX_DEFAULT_MALLOC=1` turns it off)."""
@@ -378,8 +373,6 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError(str(e)) from None
         elif command == "denoise":
             fv, (input_path, output_path) = parse_args(command, rest)
-            # SIGTERM as Ctrl-C: the partial output is removed on the way out.
-            signal.signal(signal.SIGTERM, _interrupt)
             run_denoise(fv, input_path, output_path)
         elif command == "download":
             fv, (name,) = parse_args(command, rest)

@@ -215,7 +215,9 @@ class ConfigError(ValueError):
     """An invalid configuration value, reported as one message naming the field."""
 
 
-_CHOICES = {
+# The allowed values of the fields with a fixed set of them: the one list (models and data
+# modules take theirs from here).
+CHOICES = {
     "model.norm": ("batch", "instance", "none"),
     "model.compute_dtype": ("float32", "bfloat16"),
     "model.output": ("tanh", "linear"),
@@ -236,7 +238,7 @@ def _get(c: ml_collections.ConfigDict, path: str):
 
 def validate(c: ml_collections.ConfigDict) -> None:
     """Checks values (names are already checked: configs are locked)."""
-    for path, choices in _CHOICES.items():
+    for path, choices in CHOICES.items():
         v = _get(c, path)
         if v not in choices:
             raise ConfigError(f"config.{path}={v!r} is not one of {', '.join(choices)}")

@@ -10,7 +10,9 @@ and never touches an existing one.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -174,6 +176,44 @@ def _warn_out_of_range(path: str, plane: np.ndarray, denoiser: Denoiser) -> None
         )
 
 
+class StopOnSignal:
+    """SIGTERM or SIGINT while denoising -> KeyboardInterrupt at the next plane or tile, so the
+    partial output is removed on the way out. (Raised from the handler itself, it could land in
+    a callback that swallows it, e.g. a garbage-collection hook.) A second signal raises at once.
+    Signal handlers are only installed from the main thread."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(signal.Signals(self.signum).name)
+
+    def wrap(self, callback: Callable | None) -> Callable:
+        def checked(*args):
+            self.check()
+            if callback is not None:
+                callback(*args)
+
+        return checked
+
+
 def denoise_tiff(
     input_path: str,
     output_path: str,
@@ -197,6 +237,7 @@ def denoise_tiff(
             if denoiser.fits_whole(src.plane_shape):  # small planes: a batch of planes per call
                 b = denoiser.batch_size
                 for i in range(0, src.n_planes, b):
+                    stop.check()
                     idx = range(i, min(i + b, src.n_planes))
                     ys = denoiser(np.stack([src.plane(j) for j in idx]))
                     for j, y in zip(idx, ys):
@@ -205,8 +246,9 @@ def denoise_tiff(
                         yield cast_output(y, out_dtype)
                 return
             for i in range(src.n_planes):  # large planes: tiles, one plane at a time
+                stop.check()
                 cb = bar.tiles(i) if bar is not None else None
-                yield cast_output(denoiser.denoise(src.plane(i), progress=cb), out_dtype)
+                yield cast_output(denoiser.denoise(src.plane(i), progress=stop.wrap(cb)), out_dtype)
 
         kwargs: dict[str, Any] = {}
         if src.resolution is not None:
@@ -224,7 +266,10 @@ def denoise_tiff(
             f".{os.path.basename(output_path)}.{os.getpid()}.partial",
         )
         try:
-            with tifffile.TiffWriter(tmp, bigtiff=nbytes > 2**32 - 2**25, imagej=src.imagej) as tw:
+            with (
+                StopOnSignal() as stop,
+                tifffile.TiffWriter(tmp, bigtiff=nbytes > 2**32 - 2**25, imagej=src.imagej) as tw,
+            ):
                 tw.write(
                     planes(),
                     shape=src.shape,

@@ -16,7 +16,7 @@ from clidim_jax import metrics
 from clidim_jax.data.datasets import PairedImages
 from clidim_jax.data.normalization import Normalization, min_max_normalization
 from clidim_jax.inference import Denoiser
-from clidim_jax.run import WorkdirLock, dataset_name, restore_run
+from clidim_jax.run import WorkdirLock, dataset_name, require_checkpoints, restore_run
 
 METRIC_CHOICES = (*metrics.MODES, "both")
 SPLITS = ("test", "train")
@@ -297,6 +297,7 @@ def evaluate_run(
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    require_checkpoints(workdir)  # (before the lock, which would create the directory)
     with WorkdirLock(workdir, "evaluate"):  # eval.* are written into the run
         restored = restore_run(workdir)
         config = restored.config

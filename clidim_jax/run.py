@@ -241,10 +241,21 @@ def _read_holder(fd: int) -> str:
 
 
 def check_not_busy(workdir: str, command: str) -> None:
-    """Raises WorkdirBusy if a process holds the workdir's lock (a run being written)."""
-    if os.path.isdir(workdir):
-        with WorkdirLock(workdir, command):
-            pass
+    """Raises WorkdirBusy if a process holds the workdir's lock (a run being written). Writes
+    nothing: a workdir without a lock file is not in use."""
+    path = os.path.join(workdir, ".lock")
+    if fcntl is None or jax.process_index() != 0 or not os.path.exists(path):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        raise WorkdirBusy(
+            f"{workdir} is in use by {_read_holder(fd)}; wait for it to finish, or use another "
+            "--workdir (nothing was changed)"
+        ) from None
+    finally:
+        os.close(fd)  # (drops the shared lock taken to look)
 
 
 # ------------------------------------------------------------------------------- reading back
@@ -313,6 +324,12 @@ class RestoredRun:
         return make_denoiser(self.config, self.nets, self.variables, self.norm, **kwargs)
 
 
+def require_checkpoints(workdir: str) -> None:
+    """Raises FileNotFoundError (one line for the CLI) unless `workdir` holds checkpoints."""
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise FileNotFoundError(f"{workdir}: no checkpoint found (train a model there first)")
+
+
 def restore_run(workdir: str, *, select: str = "best") -> RestoredRun:
     """Rebuilds config, networks, state and normalisation from a workdir's checkpoints.
 
@@ -321,8 +338,7 @@ def restore_run(workdir: str, *, select: str = "best") -> RestoredRun:
     checkpoint is reported and skipped (not moved) in favour of the next candidate."""
     if select not in ("best", "latest"):
         raise ValueError(f"select must be 'best' or 'latest', got {select!r}")
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        raise FileNotFoundError(f"{workdir}: no checkpoint found (train a model there first)")
+    require_checkpoints(workdir)
     ckpts = Checkpoints(workdir, read_only=True, async_save=False)
     try:
         steps = list(reversed(ckpts.all_steps()))

@@ -32,6 +32,7 @@ from clidim_jax.evaluate import evaluate, format_result
 from clidim_jax.inference import Denoiser
 from clidim_jax.run import (
     WorkdirLock,
+    check_not_busy,
     check_resumable,
     config_changes,
     config_fields,
@@ -523,6 +524,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
     Bit-exact resume: the state, the PRNG key and the metric sums of the logging interval in
     progress are restored, every step's randomness is fold_in(key, step), and the data stay on
     the device, so an interrupted run continues exactly as if it had not stopped."""
+    check_not_busy(workdir, "train")  # refuse at once, before loading anything
     job = prepare(config)
     with WorkdirLock(workdir, "train"):
         return _train(job, workdir)
@@ -595,6 +597,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     the checkpoint chosen on the validation data (else the final state) on the test split.
     Stopped by SIGTERM/SIGINT, it saves, skips evaluation and returns
     {"stopped_by": signal, "step": step}."""
+    check_not_busy(workdir, "train")  # refuse at once, before loading anything
     job = prepare(config)
     with WorkdirLock(workdir, "train"):
         run = _train(job, workdir)

@@ -1,16 +1,37 @@
 """Test setup: small CPU-only JAX, deterministic, and helpers shared by the tests."""
 
+import atexit
 import os
-
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import ml_collections
 import pytest
 
-from clidim_jax.config_lib import base_config
+from clidim_jax.config_lib import base_config  # (no JAX: the settings below come first)
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA compilation cache for the session, shared by the tests and every
+# `clidim-jax` process they start: the same tiny programs are compiled once, not in each process
+# (results are the same bits: a cached executable is the compiled one). Removed at exit.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="clidim-jax-tests-xla-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+# The tests' programs are tiny: compiling them dominates, so compile without LLVM's
+# optimisations (a tiny train run: first step 29 -> 13 s). Every comparison a test makes is
+# between programs compiled the same way. CLIDIM_JAX_TEST_XLA_OPT=1 keeps XLA's defaults.
+FAST_COMPILE = (
+    ""
+    if os.environ.get("CLIDIM_JAX_TEST_XLA_OPT")
+    else "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+)
+if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 
 def tiny_config(variant: str = "cl_tv_ssim") -> ml_collections.ConfigDict:

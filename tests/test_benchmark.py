@@ -7,6 +7,8 @@ from conftest import TINY_FLAGS
 
 from clidim_jax import cli
 
+pytestmark = pytest.mark.slow  # every test here trains or runs the CLI end to end
+
 TINY = TINY_FLAGS
 KEYS = (
     "compile_s",

@@ -7,6 +7,8 @@ import os
 import pytest
 from conftest import run_cli
 
+pytestmark = pytest.mark.slow  # every test here trains or runs the CLI end to end
+
 
 @pytest.fixture(scope="module")
 def trained(tiny_run):

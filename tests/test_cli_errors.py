@@ -13,11 +13,14 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import tifffile
 from conftest import TINY_FLAGS, run_cli
 
 from clidim_jax.checkpointing import Checkpoints, nonfinite_leaves
 from clidim_jax.run import restore_run
+
+pytestmark = pytest.mark.slow  # every test here trains or runs the CLI end to end
 
 
 def copy_run(tiny_run, tmp_path):
@@ -146,3 +149,18 @@ def test_an_interrupted_denoise_removes_its_partial_output(tiny_run, tmp_path):
     assert proc.returncode == 130, err
     assert one_line(err).endswith("interrupted")
     assert sorted(os.listdir(tmp_path)) == ["in.tif"]
+
+
+def test_a_failed_download_is_one_line_with_exit_1(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = run_cli(
+        "download", "convallaria", f"--root={tmp_path}", f"--base_url=http://127.0.0.1:{port}",
+        "--noprogress", check=False,
+    )  # fmt: skip
+    line = one_line(p.stderr)
+    assert p.returncode == 1 and line.startswith("clidim-jax download: error: cannot reach"), line
+    assert "by hand" in line

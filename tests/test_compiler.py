@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from clidim_jax import compiler
 from clidim_jax.models import PatchGANDiscriminator, UNetGenerator
@@ -19,6 +20,7 @@ def test_unknown_options_are_rejected_and_known_ones_accepted() -> None:
         assert options["xla_cpu_experimental_ynn_fusion_type"] == compiler.CPU_LIBRARY_FUSIONS
 
 
+@pytest.mark.slow
 def test_options_keep_values_and_gradients() -> None:
     """G and D in train mode, value and parameter gradients, with and without the options (the
     convolutions move between YNNPACK and XLA's own): equal to float32 rounding."""

@@ -372,6 +372,7 @@ def test_cli_bad_input_exits_2_with_one_line_and_leaves_the_workdir_alone(tmp_pa
 TINY = [*TINY_FLAGS, "--config.train.n_epochs=1", "--config.eval.baseline_sigmas=(1.0,)"]
 
 
+@pytest.mark.slow
 def test_train_end_to_end_on_a_stack_and_on_paired_folders(tmp_path):
     stack = write(tmp_path / "stack.tif", coded_stack(4, 64, 96).astype(np.float32))
     run_cli(
@@ -410,6 +411,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 
 
+@pytest.mark.slow
 def test_a_100_frame_1024_uint16_stack_trains_within_twice_its_size(tmp_path):
     """Peak resident memory of training on a 100 x 1024 x 1024 uint16 stack (200 MiB) minus that
     of the same run on a tiny stack: the data may cost at most 2x the stack's size (the stack

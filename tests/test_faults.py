@@ -18,6 +18,8 @@ from conftest import tiny_config
 from clidim_jax.checkpointing import Checkpoints
 from clidim_jax.train import train
 
+pytestmark = pytest.mark.slow  # every test here trains or runs the CLI end to end
+
 N = 12
 
 

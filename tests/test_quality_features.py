@@ -98,6 +98,7 @@ def test_gaussian_blur_equals_scipy_mirror_filter():
         np.testing.assert_allclose(y[i, ..., 0], ref, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("residual", ["input", "smooth"])
 def test_residual_generator_adds_its_base_to_the_network(residual):
     x = jnp.asarray(np.random.default_rng(4).normal(size=(1, 16, 16, 1)), jnp.float32)
@@ -361,6 +362,7 @@ def test_crop_tries_keep_the_brightest_of_the_candidates():
     assert s4.mean() > s1.mean() + 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("offset", [9.0, -12.0])
 def test_synthetic_noise_follows_the_fitted_model(offset):
     from clidim_jax.step import synthesize_noisy

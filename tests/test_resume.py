@@ -20,6 +20,8 @@ from clidim_jax import train as train_lib
 from clidim_jax.checkpointing import Checkpoints, nonfinite_leaves
 from clidim_jax.train import train
 
+pytestmark = pytest.mark.slow  # every test here trains or runs the CLI end to end
+
 N = 12  # steps of the reference run
 
 

@@ -16,7 +16,7 @@ import types
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import FAST_COMPILE, TINY_FLAGS, tiny_config
 
 from clidim_jax.config_lib import ConfigError
 from clidim_jax.sharding import check_batch_divisible
@@ -35,7 +35,7 @@ LATER_LOSS_RTOL, LR = 2e-3, 2e-4
 
 
 def _run(args, **popen):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE)
     return subprocess.Popen([sys.executable, WORKER, *args], env=env, **popen)
 
 
@@ -65,6 +65,7 @@ def _assert_close(a, b, key_a, key_b):
     assert np.mean(d > PARAM_ATOL) < 0.005
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [4, 8])
 def test_same_function_on_1_4_8_devices(one_process, n):
     r = one_process
@@ -74,6 +75,7 @@ def test_same_function_on_1_4_8_devices(one_process, n):
     assert not np.allclose(r["losses_1"][0], r["losses_1"][-1])
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_of_four_devices(one_process, tmp_path):
     out = tmp_path / "two.npz"
     port = _free_port()
@@ -111,6 +113,7 @@ def test_batch_must_divide_by_devices():
         check_batch_divisible(6, mesh)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_is_finite_and_close_to_float32():
     rng = np.random.default_rng(0)
     clean = np.tanh(rng.standard_normal((4, 32, 32, 1)).cumsum(1) / 4).astype(np.float32)
@@ -140,23 +143,14 @@ def test_bfloat16_compute_is_finite_and_close_to_float32():
         )
 
 
+@pytest.mark.slow
 def test_local_multiprocess_launcher_trains_end_to_end(tmp_path):
     """launch/local_multiprocess.sh: 2 processes x 2 CPU devices through the real CLI; process 0
     alone writes the logs and results, and checkpoints are written cooperatively."""
     launcher = os.path.join(os.path.dirname(__file__), "..", "launch", "local_multiprocess.sh")
     workdir = tmp_path / "run"
-    tiny = [
-        "--config.model.depth=4",
-        "--config.model.ngf=8",
-        "--config.model.ndf=8",
-        "--config.data.patch_size=32",
-        "--config.train.batch_size=4",
-        "--config.train.n_epochs=2",
-        "--config.train.n_epochs_decay=1",
-        "--config.train.steps_per_epoch=2",
-        "--config.train.log_every=2",
-    ]
-    env = dict(os.environ, CLIDIM_JAX=f"{sys.executable} -m clidim_jax", XLA_FLAGS="")
+    tiny = [*TINY_FLAGS, "--config.train.batch_size=4"]
+    env = dict(os.environ, CLIDIM_JAX=f"{sys.executable} -m clidim_jax", XLA_FLAGS=FAST_COMPILE)
     p = subprocess.run(
         ["bash", launcher, "2", "2", str(workdir), *tiny],
         env=env,

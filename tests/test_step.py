@@ -32,6 +32,7 @@ def _setup(variant="cl_tv_ssim", **overrides):
     return c, nets, state
 
 
+@pytest.mark.slow
 def test_step_compiles_once_and_is_not_retraced():
     c, nets, state = _setup()
     traces = []
@@ -53,6 +54,7 @@ def test_step_compiles_once_and_is_not_retraced():
         assert name in metrics and np.isfinite(float(metrics[name])), name
 
 
+@pytest.mark.slow
 def test_few_dozen_steps_reduce_l1_on_one_pair():
     c, nets, state = _setup("baseline")
     c.train.n_epochs, c.train.n_epochs_decay = 1000, 0  # constant lr
@@ -81,6 +83,7 @@ def test_terms_switch_on_by_weight(variant, present, absent):
     assert present <= set(m) and not (absent & set(m))
 
 
+@pytest.mark.slow
 def test_contrastive_step_advances_d_adam_twice_and_head_frozen_by_default():
     c, nets, state = _setup("cl")
     head0 = state.head_params
@@ -103,6 +106,7 @@ def test_contrastive_step_advances_d_adam_twice_and_head_frozen_by_default():
     )
 
 
+@pytest.mark.slow
 def test_trainable_head_option_updates_head():
     c, nets, state = _setup("cl", **{"loss.head_trainable": True})
     head0 = jax.tree.map(np.asarray, state.head_params)
@@ -113,6 +117,7 @@ def test_trainable_head_option_updates_head():
     )
 
 
+@pytest.mark.slow
 def test_generator_step_uses_updated_discriminator_and_updates_bn_stats():
     c, nets, state = _setup("baseline")
     old_d_stats = jax.tree.map(np.asarray, state.d_batch_stats)

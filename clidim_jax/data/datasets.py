@@ -25,9 +25,10 @@ from collections.abc import Iterator, Sequence
 import ml_collections
 import numpy as np
 
+from clidim_jax.config_lib import CHOICES
 from clidim_jax.data.tiff import DataError, read_tiff
 
-SOURCES = ("demo", "stack", "paired", "convallaria", "actin", "skull")
+SOURCES = CHOICES["data.source"]
 GROUND_TRUTHS = ("mean", "mean_uint16")
 
 # A rectangle (y0, y1, x0, x1); None = the image edge.

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clidim_jax.config_lib import CHOICES
 from clidim_jax.models.layers import (
     Conv4x4,
     ConvTranspose4x4,
@@ -23,8 +24,8 @@ Array = jax.Array
 Dtype = Any
 
 
-OUTPUTS = ("tanh", "linear")
-RESIDUALS = ("none", "input", "smooth")
+OUTPUTS = CHOICES["model.output"]
+RESIDUALS = CHOICES["model.residual"]
 
 
 def gaussian_blur(x: Array, sigma: float) -> Array:
