@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import os
 import sys
+from collections.abc import Iterator
 
 from absl import flags
 from ml_collections import config_flags
@@ -269,51 +271,52 @@ def run_denoise(fv: flags.FlagValues, input_path: str, output_path: str) -> None
     print(f"wrote {output_path}: shape {tuple(summary['shape'])}, {summary['dtype']}")
 
 
-def _background_errors_to_file(path: str) -> None:
+@contextlib.contextmanager
+def _background_errors_to_file(path: str) -> Iterator[None]:
     """Orbax's background save threads report a failed save (a full disk) with pages of
     tracebacks from several threads before the main thread gets the error; `train` reports it
-    in one line (CheckpointError) and keeps those details in `path`, opened on first use."""
+    in one line (CheckpointError) and keeps those details in `path`, opened on first use. The
+    hooks and handlers are put back when training returns."""
     import logging
     import threading
 
-    class LazyFileHandler(logging.FileHandler):
-        def __init__(self):
-            super().__init__(path, delay=True, encoding="utf-8")
-
-    handler = LazyFileHandler()
+    handler = logging.FileHandler(path, delay=True, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.ERROR)
-    for name in ("absl", "asyncio"):
-        logger = logging.getLogger(name)
-        logger.addHandler(handler)
-        logger.propagate = False
-    logging.getLogger("absl").addHandler(_below_error_to_stderr())
+    log = logging.getLogger("asyncio")
+    loggers = [logging.getLogger(n) for n in ("absl", "asyncio")]
+    saved = [(lg, lg.propagate) for lg in loggers]
+    warnings = _below_error_to_stderr()
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.propagate = False
+    loggers[0].addHandler(warnings)  # absl's warnings still reach the terminal
+    hooks = (threading.excepthook, sys.excepthook, sys.unraisablehook)
 
     def thread_hook(args) -> None:
-        if args.exc_type is SystemExit:
-            return
-        logging.getLogger("asyncio").error(
-            "in thread %s", args.thread.name if args.thread else "?",
-            exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
-        )  # fmt: skip
-
-    threading.excepthook = thread_hook
-    default_excepthook = sys.excepthook
+        if args.exc_type is not SystemExit:
+            name = args.thread.name if args.thread else "?"
+            log.error("in thread %s", name, exc_info=(args.exc_type, args.exc_value,
+                                                       args.exc_traceback))  # fmt: skip
 
     def excepthook(exc_type, exc, tb) -> None:  # (also called by C code of other threads)
         if threading.current_thread() is threading.main_thread():
-            default_excepthook(exc_type, exc, tb)
+            hooks[1](exc_type, exc, tb)
         else:
-            logging.getLogger("asyncio").error("in a callback", exc_info=(exc_type, exc, tb))
-
-    sys.excepthook = excepthook
+            log.error("in a callback", exc_info=(exc_type, exc, tb))
 
     def unraisable(u) -> None:  # e.g. a save callback run after its event loop closed
-        logging.getLogger("asyncio").error(
-            "%s", u.err_msg or "unraisable", exc_info=(u.exc_type, u.exc_value, u.exc_traceback)
-        )
+        log.error("%s", u.err_msg or "unraisable", exc_info=(u.exc_type, u.exc_value,
+                                                             u.exc_traceback))  # fmt: skip
 
-    sys.unraisablehook = unraisable
+    threading.excepthook, sys.excepthook, sys.unraisablehook = thread_hook, excepthook, unraisable
+    yield  # (after an error they stay: Orbax's threads still report it as the process exits)
+    threading.excepthook, sys.excepthook, sys.unraisablehook = hooks
+    for lg, propagate in saved:
+        lg.removeHandler(handler)
+        lg.propagate = propagate
+    loggers[0].removeHandler(warnings)
+    handler.close()
 
 
 def _below_error_to_stderr():
@@ -349,10 +352,10 @@ def main(argv: list[str] | None = None) -> int:
             fv = parse_flags(command, rest)
             start_runtime(fv)
             details = os.path.join(fv.workdir, "errors.log")
-            _background_errors_to_file(details)
             from clidim_jax.train import train_and_evaluate
 
-            train_and_evaluate(fv.config, fv.workdir)
+            with _background_errors_to_file(details):
+                train_and_evaluate(fv.config, fv.workdir)
         elif command == "benchmark":
             fv = parse_flags(command, rest)
             start_runtime(fv)
