@@ -2,10 +2,12 @@
 
 import atexit
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import ml_collections
 import pytest
@@ -59,6 +61,21 @@ def tiny_run(tmp_path_factory):
     (read it, or copy it before changing it): (workdir, the finished `train` process)."""
     workdir = tmp_path_factory.mktemp("tiny_run")
     return workdir, run_cli("train", f"--workdir={workdir}", *TINY_FLAGS)
+
+
+def read_until(proc, pattern: str, timeout: float = 300) -> list[str]:
+    """Lines of a process's (text) stdout up to the first matching `pattern`; kills the process
+    and fails if it ends or `timeout` passes first."""
+    seen, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if re.search(pattern, line):
+            return seen
+    proc.kill()
+    raise AssertionError(f"never saw {pattern!r}:\n{''.join(seen)}")
 
 
 def run_cli(*args, check=True):

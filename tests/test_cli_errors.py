@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 import tifffile
-from conftest import TINY_FLAGS, run_cli
+from conftest import TINY_FLAGS, read_until, run_cli
 
 from clidim_jax.checkpointing import Checkpoints, nonfinite_leaves
 from clidim_jax.run import restore_run
@@ -86,19 +86,6 @@ def start_train(workdir, *flags):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1"),
     )  # fmt: skip
-
-
-def read_until(proc, pattern: str, timeout: float = 300) -> str:
-    seen, deadline = [], time.time() + timeout
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        if re.search(pattern, line):
-            return "".join(seen)
-    proc.kill()
-    raise AssertionError(f"never saw {pattern!r}:\n{''.join(seen)}")
 
 
 def test_a_workdir_in_use_is_refused_and_the_first_run_goes_on(tiny_run, tmp_path):

@@ -8,12 +8,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import read_until, tiny_config
 
 from clidim_jax.checkpointing import Checkpoints
 from clidim_jax.train import train
@@ -62,19 +61,6 @@ def start_cli(tmp_path, cfg, workdir, hold_save=None):
         text=True,
         env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1"),
     )
-
-
-def read_until(proc, pattern: str, timeout: float = 240) -> list[str]:
-    seen, deadline = [], time.time() + timeout
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        if re.search(pattern, line):
-            return seen
-    proc.kill()
-    raise AssertionError(f"never saw {pattern!r}:\n{''.join(seen)}")
 
 
 @pytest.fixture(scope="module")
