@@ -280,7 +280,11 @@ def _background_errors_to_file(path: str) -> Iterator[None]:
     import logging
     import threading
 
-    handler = logging.FileHandler(path, delay=True, encoding="utf-8")
+    class DetailsHandler(logging.FileHandler):
+        def handleError(self, record) -> None:  # best effort: the disk may be what failed
+            pass
+
+    handler = DetailsHandler(path, delay=True, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.ERROR)
     log = logging.getLogger("asyncio")
