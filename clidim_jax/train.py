@@ -146,6 +146,45 @@ _NOT_IN_STEP = ("name", "seed", "checkpoint", "eval", "train.log_every")
 _compiled_steps: collections.OrderedDict = collections.OrderedDict()
 
 
+def _step_key(config, spe, norm, mesh, noise) -> tuple:
+    fields = {
+        k: v
+        for k, v in config_fields(config).items()
+        if not any(k == f or k.startswith(f + ".") for f in _NOT_IN_STEP)
+    }
+    return (
+        json.dumps(fields, sort_keys=True), spe, norm.to_json(), repr(noise), _mesh_key(mesh)
+    )  # fmt: skip
+
+
+def _cached(key, build: Callable) -> Any:
+    if key not in _compiled_steps:
+        _compiled_steps[key] = build()
+        while len(_compiled_steps) > 8:
+            _compiled_steps.popitem(last=False)
+    _compiled_steps.move_to_end(key)
+    return _compiled_steps[key]
+
+
+def jitted_sampled_step(
+    config: ml_collections.ConfigDict,
+    nets: Networks,
+    spe: int,
+    norm: Normalization,
+    mesh: Mesh,
+    noise: Any = None,
+) -> Callable:
+    """`make_sampled_train_step` under `jax.jit`, one per step program in a process. `prepare`
+    reads the metric names from its abstract evaluation and the loop step calls it: JAX traces
+    a jitted function once per argument signature, so the train step is traced once, not twice
+    (XLA inlines the nested call: the compiled program is the same)."""
+    key = ("sampled", *_step_key(config, spe, norm, mesh, noise))
+    return _cached(
+        key,
+        lambda: jax.jit(make_sampled_train_step(config, nets, spe, norm, mesh=mesh, noise=noise)),
+    )
+
+
 def compiled_loop_step(
     config: ml_collections.ConfigDict,
     nets: Networks,
@@ -158,30 +197,15 @@ def compiled_loop_step(
     """The jitted loop step, shared by runs of one process whose step program is the same (the
     same model, data, losses and schedule), so that e.g. a resumed or repeated run in a notebook
     does not compile again. Keyed on everything the step closes over."""
-    fields = {
-        k: v
-        for k, v in config_fields(config).items()
-        if not any(k == f or k.startswith(f + ".") for f in _NOT_IN_STEP)
-    }
-    key = (
-        json.dumps(fields, sort_keys=True),
-        spe,
-        norm.to_json(),
-        tuple(names),
-        repr(noise),
-        _mesh_key(mesh),
+    key = ("loop", *_step_key(config, spe, norm, mesh, noise), tuple(names))
+    return _cached(
+        key,
+        lambda: jax.jit(
+            make_loop_step(jitted_sampled_step(config, nets, spe, norm, mesh, noise), names),
+            donate_argnums=(0,),
+            compiler_options=step_compiler_options(mesh),
+        ),
     )
-    if key not in _compiled_steps:
-        step = make_loop_step(
-            make_sampled_train_step(config, nets, spe, norm, mesh=mesh, noise=noise), names
-        )
-        _compiled_steps[key] = jax.jit(
-            step, donate_argnums=(0,), compiler_options=step_compiler_options(mesh)
-        )
-        while len(_compiled_steps) > 4:
-            _compiled_steps.popitem(last=False)
-    _compiled_steps.move_to_end(key)
-    return _compiled_steps[key]
 
 
 _compiled_inits: dict = {}
@@ -330,8 +354,11 @@ def prepare(config: ml_collections.ConfigDict) -> Job:
     )
     # Every process holds the (few-shot, small) training images and lifts them, replicated.
     data = put_replicated(train_ds.device_data(), mesh)
-    step = make_sampled_train_step(config, nets, spe, norm, mesh=mesh, noise=noise)
-    names = sorted(jax.eval_shape(step, abstract_state, data, train_key)[1])
+    step = jitted_sampled_step(config, nets, spe, norm, mesh, noise)
+    # (called from a traced function, as the loop step calls it, so that the loop step's trace
+    # finds this one in JAX's cache: arguments that are tracers, not committed arrays)
+    abstract_key = jax.ShapeDtypeStruct(train_key.shape, train_key.dtype, sharding=replicated(mesh))
+    names = sorted(jax.eval_shape(lambda *a: step(*a), abstract_state, data, abstract_key)[1])
     return Job(
         config, train_ds, val_ds, test_ds, nets, spe, total_steps(config, train_ds.epoch_length),
         norm, noise, mesh, data, names, abstract_state, init_key, train_key,

@@ -1,5 +1,5 @@
 """`clidim-jax` with the commit of one checkpoint save held open, so that a test can kill the
-process while that save is in flight (test_faults). Usage:
+process while that save is in flight (test_resume). Usage:
 
     python tests/held_save_cli.py STEP:SECONDS train --workdir ...
 
