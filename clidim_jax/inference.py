@@ -21,12 +21,12 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from clidim_jax.compiler import compiler_options
 from clidim_jax.data.normalization import Normalization
+
+# JAX is imported only by the generators that need it: a model that runs elsewhere (ONNX
+# Runtime, `predict_fn` below) denoises without JAX installed.
 
 Progress = Callable[[int, int], None]
 
@@ -140,33 +140,42 @@ class Tiling:
 DIHEDRAL = tuple((k, m) for k in range(4) for m in (False, True))
 
 
+def _xp(x) -> Any:
+    """numpy for NumPy arrays, jax.numpy for anything else (JAX arrays and tracers)."""
+    if isinstance(x, np.ndarray):
+        return np
+    import jax.numpy as jnp
+
+    return jnp
+
+
 def dihedral(x, k: int, mirror: bool):
     """Mirrors the W axis (if `mirror`), then turns the (H, W) axes of (N, H, W, ...) `k`
     quarter turns; NumPy or JAX arrays."""
-    xp = jnp if isinstance(x, jax.Array) else np
+    xp = _xp(x)
     if mirror:
         x = xp.flip(x, axis=2)
     return xp.rot90(x, k, axes=(1, 2))
 
 
 def dihedral_inverse(y, k: int, mirror: bool):
-    xp = jnp if isinstance(y, jax.Array) else np
+    xp = _xp(y)
     y = xp.rot90(y, -k, axes=(1, 2))
     return xp.flip(y, axis=2) if mirror else y
 
 
-def dihedral_mean(f: Callable, x: jax.Array) -> jax.Array:
+def dihedral_mean(f: Callable, x: Any) -> Any:
     """Test-time augmentation: the mean over the 8 symmetries t of t^-1(f(t(x))) for an (N, H,
-    W, C) batch. The transforms of equal shape go through `f` as one batch (one call for square
-    images, two otherwise); eval-mode G treats the images of a batch independently, so this
-    equals eight separate calls."""
-    n = x.shape[0]
+    W, C) batch (NumPy or JAX). The transforms of equal shape go through `f` as one batch (one
+    call for square images, two otherwise); eval-mode G treats the images of a batch
+    independently, so this equals eight separate calls."""
+    xp, n = _xp(x), x.shape[0]
     groups = ([t for t in DIHEDRAL if t[0] % 2 == 0], [t for t in DIHEDRAL if t[0] % 2 == 1])
     if x.shape[1] == x.shape[2]:
         groups = (DIHEDRAL,)
-    total = jnp.zeros((*x.shape[:3], 1), jnp.float32)
+    total = xp.zeros((*x.shape[:3], 1), xp.float32)
     for ts in groups:
-        y = f(jnp.concatenate([dihedral(x, k, m) for k, m in ts], axis=0))
+        y = f(xp.concatenate([dihedral(x, k, m) for k, m in ts], axis=0))
         for i, (k, m) in enumerate(ts):
             total = total + dihedral_inverse(y[i * n : (i + 1) * n], k, m)
     return total / len(DIHEDRAL)
@@ -176,7 +185,10 @@ class Denoiser:
     """Runs G (eval mode) on images in original units.
 
     `generator` is a Flax module with `depth` and `apply(variables, x, train=False)` (or anything
-    with that interface, e.g. a model loaded by `clidim_jax.export.load_model`). Images whose
+    with that interface, e.g. a model loaded by `clidim_jax.export.load_model`), run under
+    `jax.jit`. A generator with `runs_in_jax = False` (e.g. an ONNX Runtime session,
+    `onnx_export.OnnxGenerator`) is called as it is, on NumPy arrays, and JAX is never imported.
+    Images whose
     padded size fits in `tile` are predicted whole, `batch_size` at a time (one compilation per
     image size); larger ones as overlapping tiles, `batch_size` tiles at a time (one compilation
     per tile shape). `tta=True` predicts every image (or tile) under the 8 flips and quarter
@@ -205,10 +217,17 @@ class Denoiser:
         self.tiling = Tiling.make(self.multiple, tile, overlap, margin)
 
         def predict(variables, x):
-            f = lambda x: generator.apply(variables, x, train=False).astype(jnp.float32)
+            f = lambda x: generator.apply(variables, x, train=False).astype(np.float32)
             return dihedral_mean(f, x) if self.tta else f(x)
 
-        self._predict = jax.jit(predict, compiler_options=compiler_options())
+        if getattr(generator, "runs_in_jax", True):
+            import jax
+
+            from clidim_jax.compiler import compiler_options
+
+            self._predict = jax.jit(predict, compiler_options=compiler_options())
+        else:
+            self._predict = predict
 
     @property
     def exact_tiling(self) -> bool:
