@@ -390,7 +390,13 @@ class OnnxGenerator:
     and 256x512, batches of 2), every level agrees to 4-5e-7 of the output range, the same as
     with BatchNormalization nodes instead of folded weights; the full level was the fastest
     (about 10 % on 2 CPU cores), so it is the one used.
+
+    It has the generator interface `inference.Denoiser` needs (`depth`, `norm`,
+    `apply(variables, x, train=False)`) and `runs_in_jax = False`: a Denoiser calls it on NumPy
+    arrays, with clidim-jax's own tiling and blending, and never imports JAX.
     """
+
+    runs_in_jax = False
 
     def __init__(self, model: Any, *, threads: int | None = None):
         ort = _import_onnxruntime()
@@ -420,6 +426,15 @@ class OnnxGenerator:
         (inp,) = self.session.get_inputs()
         self._input, self._output = inp.name, self.session.get_outputs()[0].name
         self.in_channels = inp.shape[1] if isinstance(inp.shape[1], int) else None
+        # (instance norm normalises over the image: Denoiser then knows tiles are not exact)
+        self.norm = self.metadata.get("norm", "batch")
+
+    def apply(self, variables: Any, x: Any, train: bool = False) -> np.ndarray:
+        """The Flax generator's call signature (`variables` unused: the weights are in the
+        graph; eval mode only)."""
+        if train:
+            raise ValueError("an ONNX generator runs in eval mode only")
+        return self(x)
 
     def __call__(self, x: Any) -> np.ndarray:
         """x: (N, H, W, C) float32 normalised -> (N, H, W, C_out) float32."""

@@ -247,3 +247,51 @@ def test_missing_onnxruntime_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ImportError, match="clidim-jax\\[onnx\\]"):
         OnnxGenerator(b"")
+
+
+def test_denoiser_runs_the_onnx_generator_like_the_flax_one_tiled_and_with_tta():
+    """`inference.Denoiser` with an `OnnxGenerator`: the same tiling, blending, TTA and
+    intensity normalisation as with the Flax module, so the same denoised image (original
+    units) within the tolerance of its range."""
+    from clidim_jax.data.normalization import Normalization
+    from clidim_jax.inference import Denoiser
+
+    config = own_data.get_config()
+    variables = trained_looking(config)
+    nets = build_networks(config)
+    onnx_g = OnnxGenerator(generator_onnx(config.model, variables))
+    norm = Normalization(low=100.0, high=900.0)
+    rng = np.random.default_rng(3)
+    image = 500 + 300 * images((1, 200, 150))[0, ..., 0] + rng.normal(0, 20, (200, 150))
+    for tta in (False, True):
+        opts = dict(tile=128, overlap=64, batch_size=2, tta=tta)
+        want = Denoiser(nets.generator, variables, norm, **opts).denoise(image)
+        got = Denoiser(onnx_g, None, norm, **opts).denoise(image)
+        assert not Denoiser(onnx_g, None, norm, **opts).fits_whole(image.shape)  # tiled
+        span = float(want.max() - want.min())
+        assert got.shape == want.shape == image.shape and span > 10
+        assert float(np.abs(got - want).max()) / span < TOLERANCE, tta
+
+
+def test_onnx_denoising_needs_no_jax(tmp_path):
+    """With JAX unimportable, an ONNX file still denoises through `Denoiser`."""
+    import subprocess
+
+    config = tiny_config()
+    path = tmp_path / "g.onnx"
+    path.write_bytes(generator_onnx(config.model, trained_looking(config)).SerializeToString())
+    code = (
+        "import sys; sys.modules['jax'] = None\n"  # any `import jax` now fails
+        "import numpy as np\n"
+        "from clidim_jax.data.normalization import Normalization\n"
+        "from clidim_jax.inference import Denoiser\n"
+        "from clidim_jax.onnx_export import OnnxGenerator\n"
+        f"g = OnnxGenerator({str(path)!r})\n"
+        "d = Denoiser(g, None, Normalization(low=0.0, high=1.0), tile=64, tta=True)\n"
+        "y = d.denoise(np.random.default_rng(0).random((100, 70)))\n"
+        "assert y.shape == (100, 70) and np.isfinite(y).all()\n"
+        "assert 'jax' not in [m.split('.')[0] for m, v in sys.modules.items() if v]\n"
+        "print('ok')\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
