@@ -409,6 +409,59 @@ def read_package(path: str) -> tuple[dict, dict[str, bytes]]:
     return yaml.safe_load(files.pop(RDF)), files
 
 
+def is_package(path: str) -> bool:
+    """Whether `path` is a zip holding a zoo model description (`rdf.yaml`)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return RDF in z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def denoiser_from_package(
+    path: str,
+    *,
+    tile: int | None = None,
+    overlap: int | None = None,
+    batch_size: int | None = None,
+    tta: bool | None = None,
+) -> Any:
+    """A `Denoiser` running a zoo package's ONNX weights with onnxruntime: clidim-jax's own
+    tiling, blending and optional test-time augmentation, no JAX. The intensity map is the
+    package's `scale_linear` pre-processing (a package clidim-jax exported also records its
+    `Normalization`, which is the same map); a package whose pre-processing is anything else is
+    refused with a clear error rather than run with a different normalisation."""
+    from clidim_jax.inference import Denoiser
+    from clidim_jax.onnx_export import OnnxGenerator
+
+    try:
+        rdf, files = read_package(path)
+        (inp,) = rdf["inputs"]
+        pre = inp.get("preprocessing") or []
+        weights = files[rdf["weights"]["onnx"]["source"]]
+    except (KeyError, TypeError, ValueError, zipfile.BadZipFile, OSError) as e:
+        raise DataError(
+            f"{path}: not a BioImage Model Zoo package with ONNX weights ({type(e).__name__}: {e})"
+        ) from None
+    stored = ((rdf.get("config") or {}).get("clidim_jax") or {}).get("normalization")
+    if stored is not None:
+        norm = Normalization.from_dict(stored)
+    elif len(pre) == 1 and pre[0].get("id") == "scale_linear":
+        gain, offset = (float(pre[0]["kwargs"][k]) for k in ("gain", "offset"))
+        # x -> gain x + offset is Normalization(low, high) with gain = 2 / (high - low) and
+        # offset = -1 - gain low
+        norm = Normalization(low=(-1.0 - offset) / gain, high=(1.0 - offset) / gain)
+    else:
+        raise DataError(
+            f"{path}: its pre-processing {[p.get('id') for p in pre]} is not one scale_linear; "
+            "clidim-jax runs only packages whose intensity map it can reproduce"
+        )
+    return Denoiser(
+        OnnxGenerator(weights), None, norm, batch_size or 4, tile=tile or 512, overlap=overlap,
+        tta=bool(tta),
+    )  # fmt: skip
+
+
 # ------------------------------------------------------------------------- from a training run
 
 

@@ -21,7 +21,8 @@ commands:
             eval.md, eval.png (reference: the authors' code's metrics, side by side with both)
   denoise   INPUT.tif OUTPUT.tif (--workdir DIR | --model FILE) [--tile N] [--overlap N]
             [--dtype float32|input] [--overwrite]
-            denoise a 2-D TIFF or every plane of a stack (uint8, uint16 or float32)
+            denoise a 2-D TIFF or every plane of a stack (uint8, uint16 or float32);
+            --model takes a file from `export` or a zoo package (.zip, run with onnxruntime)
   export    --workdir DIR OUT [--format clidim|bmz] [--platforms cpu,cuda] [--overwrite]
             write the trained generator as a portable model file (jax.export), for
             `denoise --model OUT` without the config or checkpoint; --format bmz: a
@@ -164,7 +165,9 @@ def _define_command_flags(command: str, fv: flags.FlagValues) -> None:
             flag_values=fv,
         )
     if command == "denoise":
-        flags.DEFINE_string("model", None, "Model file written by `export`.", flag_values=fv)
+        flags.DEFINE_string(
+            "model", None, "Model file written by `export` (either format).", flag_values=fv
+        )
         flags.DEFINE_integer("overlap", None, "Least tile overlap in pixels.", 1, flag_values=fv)
         flags.DEFINE_integer("batch_size", None, "Tiles per call.", 1, flag_values=fv)
         flags.DEFINE_enum(
@@ -249,7 +252,6 @@ def parse_args(command: str, argv: list[str]) -> tuple[flags.FlagValues, list[st
 def run_denoise(fv: flags.FlagValues, input_path: str, output_path: str) -> None:
     """Checks the files first (fast errors), then loads the model and denoises."""
     from clidim_jax.denoise import TiffPlanes, check_output, denoise_tiff
-    from clidim_jax.run import denoiser_from_run
 
     check_output(output_path, fv.overwrite)
     with TiffPlanes(input_path) as src:
@@ -263,10 +265,17 @@ def run_denoise(fv: flags.FlagValues, input_path: str, output_path: str) -> None
     opts = dict(tile=fv.tile, overlap=fv.overlap, batch_size=fv.batch_size, tta=fv.tta)
     try:
         if fv.model:
-            from clidim_jax.export import denoiser_from_model
+            from clidim_jax import bmz
 
-            denoiser = denoiser_from_model(fv.model, **opts)
+            if bmz.is_package(fv.model):  # a zoo package: ONNX Runtime, no JAX
+                denoiser = bmz.denoiser_from_package(fv.model, **opts)
+            else:
+                from clidim_jax.export import denoiser_from_model
+
+                denoiser = denoiser_from_model(fv.model, **opts)
         else:
+            from clidim_jax.run import denoiser_from_run
+
             denoiser = denoiser_from_run(fv.workdir, **opts)
     except TilingError as e:
         raise UsageError(str(e)) from None

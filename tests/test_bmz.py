@@ -348,3 +348,37 @@ def test_export_refuses_a_run_with_a_noise_model(monkeypatch, tmp_path):
     with pytest.raises(DataError, match="cannot be exported as a zoo package"):
         bmz.export_bmz(str(tmp_path), str(tmp_path / "out.zip"))
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_denoise_with_the_package_needs_no_jax_and_matches_the_run(exported, tmp_path):
+    """`clidim-jax denoise IN OUT --model PKG.zip` runs the ONNX weights with onnxruntime
+    (JAX made unimportable in that process), tiled, and gives the run's own denoising within
+    1e-4 of the intensity range."""
+    import subprocess
+    import sys
+
+    import tifffile
+
+    from clidim_jax.denoise import example_image_path
+
+    workdir, out, _ = exported
+    ours, theirs = tmp_path / "run.tif", tmp_path / "pkg.tif"
+    tile = ["--tile=64", "--overlap=32", "--dtype=float32"]
+    run_cli("denoise", example_image_path(), str(ours), f"--workdir={workdir}", *tile)
+    no_jax = "import sys; sys.modules['jax'] = None; from clidim_jax.cli import entry; entry()"
+    p = subprocess.run(
+        [sys.executable, "-c", no_jax, "denoise", example_image_path(), str(theirs),
+         f"--model={out}", *tile],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    a, b = tifffile.imread(ours), tifffile.imread(theirs)
+    assert a.shape == b.shape and a.shape[-1] > 64  # tiled
+    assert np.abs(a - b).max() <= 1e-4 * np.ptp(a), (np.abs(a - b).max(), np.ptp(a))
+    # a zip that is not a package, and a package without ONNX weights: one line, exit 2
+    (tmp_path / "bad.zip").write_bytes(b"not a zip")
+    p = run_cli("denoise", example_image_path(), str(tmp_path / "o.tif"),
+                f"--model={tmp_path / 'bad.zip'}", check=False)  # fmt: skip
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) >= 1, p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "o.tif").exists()
