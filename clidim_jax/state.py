@@ -9,6 +9,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from clidim_jax.models import PatchGANDiscriminator, ProjectionHead, UNetGenerator
@@ -132,10 +133,26 @@ def linear_policy(
 
     In (1-based) epoch e the rate is lr * (1 - max(0, e - n_epochs) / (n_epochs_decay + 1)).
     """
+    return lambda step: policy_lr(
+        step, base_lr, n_epochs, float(n_epochs_decay + 1), steps_per_epoch
+    )
 
-    def schedule(step):
-        epoch = step // steps_per_epoch + 1
-        factor = 1.0 - jnp.maximum(0, epoch - n_epochs) / float(n_epochs_decay + 1)
-        return base_lr * factor
 
-    return schedule
+def policy_lr(step, base_lr, n_epochs, decay_div, steps_per_epoch: int):
+    """`linear_policy`'s rate at `step`, its numbers Python constants or traced arrays (float32
+    base_lr and decay_div = n_epochs_decay + 1, int32 n_epochs): the same float32 arithmetic
+    either way."""
+    epoch = step // steps_per_epoch + 1
+    return base_lr * (1.0 - jnp.maximum(0, epoch - n_epochs) / decay_div)
+
+
+def lr_policy_inputs(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+    """The learning-rate policy's numbers as arrays, for a train step that takes them as an
+    input (`batch["lr_policy"]`) rather than compiling them in: runs that differ only in
+    learning rate or epochs then share one compiled program."""
+    t = config.train
+    return {
+        "base_lr": np.float32(t.lr),
+        "n_epochs": np.int32(t.n_epochs),
+        "decay_div": np.float32(t.n_epochs_decay + 1),
+    }

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 
 from clidim_jax import augment, compiler, losses
-from clidim_jax.state import Networks, TrainState, linear_policy
+from clidim_jax.state import Networks, TrainState, linear_policy, policy_lr
 
 Batch = dict[str, jax.Array]  # "noisy", "clean": (B, H, W, 1) float32 in [-1, 1]
 Metrics = dict[str, jax.Array]
@@ -99,7 +99,11 @@ def make_train_step(
     def train_step(state: TrainState, batch: Batch, key: jax.Array):
         key = jax.random.fold_in(key, state.step)
         k_drop, k_cl = jax.random.split(key)
-        lr = schedule(state.step)
+        if "lr_policy" in batch:  # the policy's numbers as inputs (lr_policy_inputs)
+            p = batch["lr_policy"]
+            lr = policy_lr(state.step, p["base_lr"], p["n_epochs"], p["decay_div"], steps_per_epoch)
+        else:
+            lr = schedule(state.step)
         noisy, clean = batch["noisy"], batch["clean"]
 
         # 1. fake = G(noisy), train mode, once: its VJP serves the G step (as PyTorch's graph).
@@ -232,7 +236,8 @@ def make_sampled_train_step(
 ) -> Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, Metrics]]:
     """The train step with on-device batch sampling in front: `(state, data, key)`, where `data`
     holds the training images resident on the device (`PairedImages.device_data()`: "noisy",
-    "clean", "views" and, for few-shot sets, "order").
+    "clean", "views" and, for few-shot sets, "order") and optionally "lr_policy"
+    (`state.lr_policy_inputs`: the learning-rate policy as inputs, not constants of the program).
 
     With a `mesh`, the sampled global batch is constrained to the `data` axis, so each device
     draws and processes only its own part of it. With `config.data.synthetic` > 0, that fraction
@@ -279,6 +284,8 @@ def make_sampled_train_step(
             noisy, clean = random_gain(k_gain, noisy, clean, gain_range)
         noisy, clean = constrain(noisy), constrain(clean)
         batch = normalize_batch(noisy, clean, norm)
+        if "lr_policy" in data:
+            batch["lr_policy"] = data["lr_policy"]
         return step_fn(state, batch, k_step)
 
     return sampled_step

@@ -50,6 +50,7 @@ from clidim_jax.state import (
     TrainState,
     build_networks,
     init_state,
+    lr_policy_inputs,
     steps_per_epoch,
     total_steps,
 )
@@ -141,8 +142,12 @@ def make_loop_step(step_fn: Callable, names: list[str]) -> Callable:
     return loop_step
 
 
-# Config fields the compiled loop step does not depend on.
-_NOT_IN_STEP = ("name", "seed", "checkpoint", "eval", "train.log_every")
+# Config fields the compiled loop step does not depend on (the learning-rate policy is an input:
+# `data["lr_policy"]`).
+_NOT_IN_STEP = (
+    "name", "seed", "checkpoint", "eval", "train.log_every",
+    "train.lr", "train.n_epochs", "train.n_epochs_decay",
+)  # fmt: skip
 _compiled_steps: collections.OrderedDict = collections.OrderedDict()
 
 
@@ -353,7 +358,7 @@ def prepare(config: ml_collections.ConfigDict) -> Job:
         jax.eval_shape(functools.partial(init_state, nets), init_key),
     )
     # Every process holds the (few-shot, small) training images and lifts them, replicated.
-    data = put_replicated(train_ds.device_data(), mesh)
+    data = put_replicated({**train_ds.device_data(), "lr_policy": lr_policy_inputs(config)}, mesh)
     step = jitted_sampled_step(config, nets, spe, norm, mesh, noise)
     # (called from a traced function, as the loop step calls it, so that the loop step's trace
     # finds this one in JAX's cache: arguments that are tracers, not committed arrays)

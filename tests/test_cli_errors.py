@@ -59,8 +59,13 @@ def test_a_diverging_run_names_step_and_term_and_keeps_its_checkpoint(tiny_run, 
 
 def test_a_checkpoint_that_cannot_be_written_is_one_line_and_the_last_one_stays(tiny_run, tmp_path):
     workdir = copy_run(tiny_run, tmp_path)
-    # (no compilation cache: a cache entry is a file too, and its failed write would warn)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_ENABLE_COMPILATION_CACHE="false")
+    # The session's compilation cache holds this run's programs (the tiny run compiled them; the
+    # learning-rate policy is an input, so n_epochs=4 is the same program): reading them writes
+    # nothing. A copy, so that a write that fails under the limit cannot leave a truncated entry
+    # in the cache the other tests read.
+    cache = tmp_path / "xla-cache"
+    shutil.copytree(os.environ["JAX_COMPILATION_CACHE_DIR"], cache)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache))
     # Files over 100 kB cannot be written: the state's data files are larger (a full disk).
     # (`ulimit -f` in 1 kB blocks; Python ignores SIGXFSZ: a longer write fails with EFBIG)
     p = subprocess.run(

@@ -369,7 +369,12 @@ def test_cli_bad_input_exits_2_with_one_line_and_leaves_the_workdir_alone(tmp_pa
 
 # --- End to end through the command line, and the host-memory bound ---------------------------
 
-TINY = [*TINY_FLAGS, "--config.train.n_epochs=1", "--config.eval.baseline_sigmas=(1.0,)"]
+# (the pixel variant, L1 alone: these tests are about the data, and its program compiles in a
+# fraction of the full method's time)
+TINY = [
+    f"{TINY_FLAGS[0]},variant=pixel", "--config.train.n_epochs=1",
+    "--config.eval.baseline_sigmas=(1.0,)",
+]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -400,9 +405,10 @@ def test_train_end_to_end_on_a_stack_and_on_paired_folders(tmp_path):
 
 MEMORY_WORKER = """
 import resource, sys, numpy as np, tifffile
-from clidim_jax.config_lib import base_config
+from clidim_jax.config_lib import apply_variant, base_config
 from clidim_jax.train import train
 c = base_config()
+apply_variant(c, "pixel")  # (memory of the data, not of the method: the cheapest program)
 c.model.depth, c.model.ngf, c.model.ndf, c.data.patch_size = 4, 8, 8, 32
 c.train.batch_size, c.train.steps_per_epoch, c.train.n_epochs, c.train.n_epochs_decay = 2, 2, 1, 0
 c.data.source, c.data.path = "stack", sys.argv[1]
