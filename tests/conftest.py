@@ -75,12 +75,33 @@ def tiny():
 TINY_FLAGS = ["--config=demo:tiny"]
 
 
+# A folder shared by every process of the session (the controller sets it before the xdist
+# workers start; they inherit it), for what is worth computing once for all of them.
+if "CLIDIM_JAX_TEST_SHARED" not in os.environ:
+    _shared = tempfile.mkdtemp(prefix="clidim-jax-tests-shared-")
+    atexit.register(shutil.rmtree, _shared, ignore_errors=True)
+    os.environ["CLIDIM_JAX_TEST_SHARED"] = _shared
+
+
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """One tiny demo run trained through the command line, shared by the tests of a session
-    (read it, or copy it before changing it): (workdir, the finished `train` process)."""
-    workdir = tmp_path_factory.mktemp("tiny_run")
-    return workdir, run_cli("train", f"--workdir={workdir}", *TINY_FLAGS)
+def tiny_run():
+    """One tiny demo run trained through the command line, shared by every test of the session,
+    across the xdist workers: the first to need it trains it under a file lock, the others wait
+    and read it. Read it, or copy it before changing it (evaluate writes into its workdir):
+    (workdir, the finished `train` process)."""
+    import fcntl
+    import json
+    import pathlib
+
+    root = pathlib.Path(os.environ["CLIDIM_JAX_TEST_SHARED"])
+    workdir, record = root / "tiny_run", root / "tiny_run.json"
+    with open(root / "tiny_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not record.exists():
+            p = run_cli("train", f"--workdir={workdir}", *TINY_FLAGS)
+            record.write_text(json.dumps([p.returncode, p.stdout, p.stderr]))
+    code, out, err = json.loads(record.read_text())
+    return workdir, subprocess.CompletedProcess(["clidim-jax", "train"], code, out, err)
 
 
 def read_until(proc, pattern: str, timeout: float = 300) -> list[str]:

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 
 import pytest
 from conftest import run_cli
@@ -11,8 +12,11 @@ pytestmark = pytest.mark.slow  # every test here trains or runs the CLI end to e
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_run):
-    return tiny_run
+def trained(tiny_run, tmp_path_factory):
+    """The session's tiny run, copied: `evaluate` below writes into its workdir."""
+    workdir = tmp_path_factory.mktemp("trained") / "run"
+    shutil.copytree(tiny_run[0], workdir)
+    return workdir, tiny_run[1]
 
 
 def test_train_writes_every_artifact(trained):
