@@ -99,6 +99,9 @@ def test_a_workdir_in_use_is_refused_and_the_first_run_goes_on(tiny_run, tmp_pat
     first = start_train(workdir, "--config.train.n_epochs=1000", "--config.train.log_every=1")
     try:
         read_until(first, r"^step 2/")
+        # Paused (it still holds the lock), so that it does not train on the CPU the
+        # refused commands need.
+        first.send_signal(signal.SIGSTOP)
         for args in (
             ("train", f"--workdir={workdir}", *TINY_FLAGS),
             ("evaluate", f"--workdir={workdir}"),
@@ -109,6 +112,7 @@ def test_a_workdir_in_use_is_refused_and_the_first_run_goes_on(tiny_run, tmp_pat
             assert p.returncode == 2, p.stderr
             assert f"is in use by process {first.pid} (clidim-jax train)" in line, line
         assert not (tmp_path / "m.clidim").exists()
+        first.send_signal(signal.SIGCONT)
         first.send_signal(signal.SIGTERM)
         out = first.communicate(timeout=120)[0]
     finally:
