@@ -636,7 +636,8 @@ def export_bmz(workdir: str, out: str, *, overwrite: bool = False) -> dict:
     """Exports the selected checkpoint of a training run (as `export_run`) to a zoo package;
     returns a summary (depth, halo, step, test image, the ONNX path's agreement, size)."""
     from clidim_jax.denoise import check_output
-    from clidim_jax.run import check_not_busy, dataset_name, restore_run
+    from clidim_jax.run import dataset_name, restore_run
+    from clidim_jax.workdir_lock import check_not_busy
 
     check_output(out, overwrite)  # fail before the (slow) restore
     for package in ("onnx", "onnxruntime"):

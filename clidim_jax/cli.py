@@ -106,6 +106,15 @@ def _unknown_override(argv: list[str], message: str) -> str:
     return f"unknown config field: {message}"
 
 
+def _refuse_if_busy(workdir: str | None, command: str) -> None:
+    """A run another process is writing: refused here, before JAX is loaded (these commands run
+    as one process). The command checks again where it reads or locks the run."""
+    if workdir:
+        from clidim_jax.workdir_lock import check_not_busy
+
+        check_not_busy(workdir, command, primary=True)
+
+
 def start_runtime(fv: flags.FlagValues) -> None:
     """Device count and distributed runtime: must happen before JAX touches a backend."""
     import jax
@@ -388,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             print(format_benchmark(result))
         elif command == "evaluate":
             fv = parse_flags(command, rest)
+            _refuse_if_busy(fv.workdir, command)
             from clidim_jax.evaluate import evaluate_run
             from clidim_jax.inference import TilingError
 
@@ -408,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             print(path)
         elif command == "export":
             fv, (out,) = parse_args(command, rest)
+            _refuse_if_busy(fv.workdir, command)
             if fv.format == "bmz":
                 if fv.platforms:
                     raise UsageError("--platforms applies to --format clidim only")

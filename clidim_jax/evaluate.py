@@ -16,7 +16,8 @@ from clidim_jax import metrics
 from clidim_jax.data.datasets import PairedImages
 from clidim_jax.data.normalization import Normalization, min_max_normalization
 from clidim_jax.inference import Denoiser
-from clidim_jax.run import WorkdirLock, dataset_name, require_checkpoints, restore_run
+from clidim_jax.run import dataset_name, require_checkpoints, restore_run
+from clidim_jax.workdir_lock import WorkdirLock
 
 METRIC_CHOICES = (*metrics.MODES, "both")
 SPLITS = ("test", "train")

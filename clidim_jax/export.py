@@ -245,7 +245,8 @@ def export_run(
     """Exports the selected checkpoint of a training run (the best by validation PSNR when the
     run has validation data, else the latest) to a model file; returns its metadata."""
     from clidim_jax.denoise import check_output
-    from clidim_jax.run import check_not_busy, restore_run
+    from clidim_jax.run import restore_run
+    from clidim_jax.workdir_lock import check_not_busy
 
     check_output(out, overwrite)  # fail before the (slow) restore and export
     check_not_busy(workdir, "export")  # not a run still being written

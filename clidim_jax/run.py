@@ -23,11 +23,6 @@ from clidim_jax.data import Normalization, PairedImages
 from clidim_jax.inference import Denoiser
 from clidim_jax.state import Networks, TrainState, build_networks, init_state
 
-try:  # POSIX; elsewhere a workdir is not locked
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None
-
 
 def say(msg: str) -> None:
     """Prints on the first process only (every process runs the same code)."""
@@ -179,83 +174,6 @@ def keep_metric_lines(workdir: str, train_until: int, saved_until: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------- lock
-
-
-class WorkdirBusy(config_lib.ConfigError):
-    """Another process holds the workdir (`train`, or an `evaluate` writing into it)."""
-
-
-class WorkdirLock:
-    """An exclusive OS lock (`flock`) on `WORKDIR/.lock`, held while a process writes the run.
-
-    The kernel drops the lock when its process exits, however it exits, so a killed run never
-    leaves a stale lock behind. The file names the holder (pid and command) for the message the
-    next process prints. Only the first process of a multi-process run takes it."""
-
-    def __init__(self, workdir: str, command: str):
-        self.workdir, self.command = workdir, command
-        self._fd: int | None = None
-
-    @property
-    def path(self) -> str:
-        return os.path.join(self.workdir, ".lock")
-
-    def acquire(self) -> WorkdirLock:
-        if fcntl is None or jax.process_index() != 0:
-            return self
-        os.makedirs(self.workdir, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = _read_holder(fd)
-            os.close(fd)
-            raise WorkdirBusy(
-                f"{self.workdir} is in use by {holder}; wait for it to finish, or use another "
-                "--workdir (nothing was changed)"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} clidim-jax {self.command}\n".encode())
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # (closing drops the flock; the file stays, harmless)
-            self._fd = None
-
-    def __enter__(self) -> WorkdirLock:
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def _read_holder(fd: int) -> str:
-    try:
-        text = os.pread(fd, 200, 0).decode(errors="replace").strip()
-        pid, _, command = text.partition(" ")
-        return f"process {int(pid)} ({command})"
-    except (OSError, ValueError):
-        return "another process"
-
-
-def check_not_busy(workdir: str, command: str) -> None:
-    """Raises WorkdirBusy if a process holds the workdir's lock (a run being written). Writes
-    nothing: a workdir without a lock file is not in use."""
-    path = os.path.join(workdir, ".lock")
-    if fcntl is None or jax.process_index() != 0 or not os.path.exists(path):
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        raise WorkdirBusy(
-            f"{workdir} is in use by {_read_holder(fd)}; wait for it to finish, or use another "
-            "--workdir (nothing was changed)"
-        ) from None
-    finally:
-        os.close(fd)  # (drops the shared lock taken to look)
 
 
 # ------------------------------------------------------------------------------- reading back

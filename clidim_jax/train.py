@@ -31,8 +31,6 @@ from clidim_jax.data.normalization import fit_noise_model, min_max_normalization
 from clidim_jax.evaluate import evaluate, format_result
 from clidim_jax.inference import Denoiser
 from clidim_jax.run import (
-    WorkdirLock,
-    check_not_busy,
     check_resumable,
     config_changes,
     config_fields,
@@ -55,6 +53,7 @@ from clidim_jax.state import (
     total_steps,
 )
 from clidim_jax.step import make_sampled_train_step, step_compiler_options
+from clidim_jax.workdir_lock import WorkdirLock, check_not_busy
 from clidim_jax.writers import MetricWriter
 
 

@@ -19,6 +19,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--compute-dtype", default="float32")
+    ap.add_argument("--also-bfloat16", action="store_true", help="and mesh 1 in bfloat16")
     ap.add_argument("--coordinator", default=None)
     ap.add_argument("--num-processes", type=int, default=1)
     ap.add_argument("--process-id", type=int, default=0)
@@ -46,8 +47,6 @@ def main() -> None:
     initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     c = tiny_config("cl_tv_ssim")
     c.train.batch_size = args.batch_size
-    c.model.compute_dtype = args.compute_dtype
-    nets = build_networks(c)
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:48, 0:48]
     clean = (1000 + 400 * np.sin(xx / 5.0) * np.cos(yy / 7.0)).astype(np.float32)[None]
@@ -58,27 +57,36 @@ def main() -> None:
     sizes = (
         [int(s) for s in args.mesh_sizes.split(",")] if args.mesh_sizes else [len(jax.devices())]
     )
+    runs = [(n, args.compute_dtype, str(n)) for n in sizes]
+    if args.also_bfloat16:  # bfloat16 compute on one device, beside the float32 runs
+        runs.append((1, "bfloat16", "1_bfloat16"))
+
+    def leaves(state):
+        return jax.tree.leaves(
+            (state.g_params, state.d_params, state.g_batch_stats, state.d_batch_stats)
+        )
+
+    def flat(state):
+        return np.concatenate([np.asarray(x.addressable_data(0)).ravel() for x in leaves(state)])
+
     results = {}
-    for n in sizes:
+    for n, dtype, key in runs:
+        c.model.compute_dtype = dtype
+        nets = build_networks(c)
         mesh = make_mesh(n)
         state = init_replicated(functools.partial(init_state, nets), mesh, jax.random.key(0))
         data = put_replicated(host_data, mesh)
         step = jax.jit(make_sampled_train_step(c, nets, 2, norm, mesh=mesh), donate_argnums=(0,))
-
-        def flat(state):
-            leaves = jax.tree.leaves(
-                (state.g_params, state.d_params, state.g_batch_stats, state.d_batch_stats)
-            )
-            return np.concatenate([np.asarray(x.addressable_data(0)).ravel() for x in leaves])
 
         losses = []
         for i in range(args.steps):
             state, m = step(state, data, jax.random.key(1))
             losses.append([float(m[k].addressable_data(0)) for k in sorted(m)])
             if i == 0:
-                results[f"params_step1_{n}"] = flat(state)
-        results[f"losses_{n}"] = np.array(losses)
-        results[f"params_{n}"] = flat(state)
+                results[f"params_step1_{key}"] = flat(state)
+        results[f"losses_{key}"] = np.array(losses)
+        results[f"params_{key}"] = flat(state)
+        results[f"param_dtypes_{key}"] = np.array(sorted({str(x.dtype) for x in leaves(state)}))
         results["names"] = np.array(sorted(m))
     if jax.process_index() == 0:
         np.savez(args.out, **results)
