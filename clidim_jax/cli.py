@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import importlib.resources
 import os
+import re
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 from absl import flags
 from ml_collections import config_flags
@@ -19,9 +21,18 @@ commands:
   evaluate  --workdir DIR [--split test|train] [--metrics standard|reference|both] [--tile N]
             re-evaluate the trained model of a workdir on its dataset: eval.json, eval.csv,
             eval.md, eval.png (reference: the authors' code's metrics, side by side with both)
-  denoise   INPUT.tif OUTPUT.tif (--workdir DIR | --model FILE) [--tile N] [--overlap N]
-            [--dtype float32|input] [--overwrite]
-            denoise a 2-D TIFF or every plane of a stack (uint8, uint16 or float32);
+  denoise   INPUT OUTPUT (--workdir DIR | --model FILE | --model c0=FILE,c1=FILE...)
+            [--channel N] [--tile N] [--overlap N] [--dtype float32|input] [--overwrite]
+            [--recursive]
+            denoise a 2-D image or every plane of a stack (uint8, uint16 or float32): a TIFF
+            or an OME-Zarr image (NGFF 0.4 / 0.5) in; a TIFF out, or an OME-Zarr image when
+            OUTPUT ends in .zarr. Images of any size stream a row of tiles at a time.
+            Channels (a C axis): every channel with the one model, one model per channel
+            (--model c0=A,c1=B), or --channel N to denoise channel N only (the output then
+            has no C axis); the other axes, the pixel size and ImageJ metadata are kept.
+            INPUT a folder: every TIFF / OME-Zarr in it into the folder OUTPUT, same names
+            (--recursive: sub-folders too, mirrored); existing outputs are skipped unless
+            --overwrite; a file that fails is reported at the end and the others go on.
             --model takes a file from `export` or a zoo package (.zip, run with onnxruntime)
   export    --workdir DIR OUT [--format clidim|bmz] [--platforms cpu,cuda] [--overwrite]
             write the trained generator as a portable model file (jax.export), for
@@ -37,14 +48,17 @@ commands:
             time, step time, images/s, XLA FLOPs, achieved FLOP/s vs a measured matmul peak,
             memory and parameters
 
-exit status: 0 done; 1 training diverged, a checkpoint could not be written or read, or a
-  download failed; 2 a usage, config or data error, or a workdir in use by another process;
-  130 interrupted (a stopped `train` saves a checkpoint first and exits 0)
+exit status: 0 done; 1 training diverged, a checkpoint could not be written or read, a
+  download failed, or files of a denoised folder failed; 2 a usage, config or data error, or a
+  workdir in use by another process; 130 interrupted (a stopped `train` saves a checkpoint
+  first and exits 0)
 
 examples:
   clidim-jax train --workdir runs/demo
   clidim-jax train --config reference:variant=cl --config.train.batch_size=8 --workdir runs/x
   clidim-jax denoise cells.tif cells_denoised.tif --workdir runs/demo
+  clidim-jax denoise cells.ome.zarr cells_denoised.ome.zarr --model demo.clidim --channel 1
+  clidim-jax denoise raw/ denoised/ --recursive --model c0=dapi.clidim,c1=gfp.clidim
   clidim-jax download convallaria --root data
   clidim-jax train --config reference:dataset=convallaria,n_samples=16 --config.data.root=data \
       --workdir runs/conv16
@@ -175,7 +189,21 @@ def _define_command_flags(command: str, fv: flags.FlagValues) -> None:
         )
     if command == "denoise":
         flags.DEFINE_string(
-            "model", None, "Model file written by `export` (either format).", flag_values=fv
+            "model",
+            None,
+            "Model file written by `export` (either format), or one per channel: "
+            "c0=FILE,c1=FILE,...",
+            flag_values=fv,
+        )
+        flags.DEFINE_integer(
+            "channel",
+            None,
+            "Denoise this channel only (0-based index along the C axis); default: every channel.",
+            0,
+            flag_values=fv,
+        )
+        flags.DEFINE_boolean(
+            "recursive", False, "INPUT a folder: its sub-folders too.", flag_values=fv
         )
         flags.DEFINE_integer("overlap", None, "Least tile overlap in pixels.", 1, flag_values=fv)
         flags.DEFINE_integer("batch_size", None, "Tiles per call.", 1, flag_values=fv)
@@ -258,45 +286,102 @@ def parse_args(command: str, argv: list[str]) -> tuple[flags.FlagValues, list[st
     return fv, rest[1:]
 
 
-def run_denoise(fv: flags.FlagValues, input_path: str, output_path: str) -> None:
-    """Checks the files first (fast errors), then loads the model and denoises."""
-    from clidim_jax.denoise import TiffPlanes, check_output, denoise_tiff
+def parse_model_spec(value: str) -> str | dict[int, str]:
+    """`--model FILE`, or one model per channel: `c0=FILE,c1=FILE` -> {0: FILE, 1: FILE}."""
+    items = [v.strip() for v in value.split(",")]
+    if not any(re.match(r"^c\d+=", v) for v in items):
+        return value
+    out: dict[int, str] = {}
+    for v in items:
+        m = re.fullmatch(r"c(\d+)=(.+)", v)
+        if not m:
+            raise UsageError(
+                f"--model={value}: {v!r} is not cN=FILE (one model per channel: c0=A,c1=B)"
+            )
+        c = int(m.group(1))
+        if c in out:
+            raise UsageError(f"--model={value}: two models for channel {c}")
+        out[c] = m.group(2)
+    return out
 
-    check_output(output_path, fv.overwrite)
-    with TiffPlanes(input_path) as src:
-        print(
-            f"{input_path}: {src.n_planes} plane(s) of {src.plane_shape[0]}x"
-            f"{src.plane_shape[1]} {src.dtype} (axes {src.axes})",
-            file=sys.stderr,
-        )
+
+def _load_denoiser(fv: flags.FlagValues, model: str | None):
+    """The Denoiser of a model file (either format) or, with `model` None, of --workdir."""
     from clidim_jax.inference import TilingError
 
     opts = dict(tile=fv.tile, overlap=fv.overlap, batch_size=fv.batch_size, tta=fv.tta)
     try:
-        if fv.model:
+        if model:
             from clidim_jax import bmz
 
-            if bmz.is_package(fv.model):  # a zoo package: ONNX Runtime, no JAX
-                denoiser = bmz.denoiser_from_package(fv.model, **opts)
-            else:
-                from clidim_jax.export import denoiser_from_model
+            if bmz.is_package(model):  # a zoo package: ONNX Runtime, no JAX
+                return bmz.denoiser_from_package(model, **opts)
+            from clidim_jax.export import denoiser_from_model
 
-                denoiser = denoiser_from_model(fv.model, **opts)
-        else:
-            from clidim_jax.run import denoiser_from_run
+            return denoiser_from_model(model, **opts)
+        from clidim_jax.run import denoiser_from_run
 
-            denoiser = denoiser_from_run(fv.workdir, **opts)
+        return denoiser_from_run(fv.workdir, **opts)
     except TilingError as e:
         raise UsageError(str(e)) from None
-    summary = denoise_tiff(
-        input_path,
-        output_path,
-        denoiser,
-        dtype=fv.dtype,
-        overwrite=fv.overwrite,
-        progress=fv.progress,
+
+
+def run_denoise(fv: flags.FlagValues, input_path: str, output_path: str) -> int:
+    """Checks the files first (fast errors), then loads the model(s) and denoises a file or a
+    folder. Returns the exit status (1 when files of a folder failed)."""
+    from clidim_jax.data.images import is_zarr, open_image
+    from clidim_jax.data.tiff import DataError
+    from clidim_jax.denoise import (
+        check_channel,
+        check_output,
+        denoise_file,
+        denoise_folder,
+        find_images,
     )
+
+    spec = parse_model_spec(fv.model) if fv.model else None
+    folder = os.path.isdir(input_path) and not is_zarr(input_path)
+    if folder:
+        if os.path.exists(output_path) and not os.path.isdir(output_path):
+            raise DataError(f"{output_path}: exists and is not a folder (INPUT is a folder)")
+        n = len(find_images(input_path, fv.recursive, exclude=output_path))
+        print(f"{input_path}: {n} image(s) to denoise", file=sys.stderr)
+    else:
+        if fv.recursive:
+            raise UsageError("--recursive applies when INPUT is a folder")
+        check_output(output_path, fv.overwrite, input_path)
+        with open_image(input_path) as src:
+            check_channel(src, fv.channel)
+            print(
+                f"{input_path}: {src.n_planes} plane(s) of {src.plane_shape[0]}x"
+                f"{src.plane_shape[1]} {src.dtype} (axes {src.axes})",
+                file=sys.stderr,
+            )
+    if isinstance(spec, dict):
+        if fv.channel is not None and fv.channel not in spec:
+            raise UsageError(f"--channel {fv.channel} has no model in --model={fv.model}")
+        cache: dict[str, Any] = {}
+        model: Any = {}
+        for c, path in spec.items():
+            if fv.channel is None or c == fv.channel:
+                if path not in cache:
+                    cache[path] = _load_denoiser(fv, path)
+                model[c] = cache[path]
+    else:
+        model = _load_denoiser(fv, spec)
+    opts = dict(channel=fv.channel, dtype=fv.dtype, overwrite=fv.overwrite, progress=fv.progress)
+    if folder:
+        r = denoise_folder(input_path, output_path, model, recursive=fv.recursive, **opts)
+        print(
+            f"{output_path}: {len(r['denoised'])} denoised, {len(r['skipped'])} skipped "
+            f"(output exists; --overwrite replaces it), {len(r['failed'])} failed"
+        )
+        for _rel, msg in r["failed"]:
+            print(f"clidim-jax denoise: failed: {msg}", file=sys.stderr)
+        return 1 if r["failed"] else 0
+    summary = denoise_file(input_path, output_path, model, **opts)
     print(f"wrote {output_path}: shape {tuple(summary['shape'])}, {summary['dtype']}")
+    return 0
 
 
 @contextlib.contextmanager
@@ -409,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError(str(e)) from None
         elif command == "denoise":
             fv, (input_path, output_path) = parse_args(command, rest)
-            run_denoise(fv, input_path, output_path)
+            if run_denoise(fv, input_path, output_path):
+                return 1
         elif command == "download":
             fv, (name,) = parse_args(command, rest)
             from clidim_jax.data import download

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -321,14 +321,43 @@ class Denoiser:
         return self._tiled(image, norm, progress)
 
     def _tiled(self, image: np.ndarray, norm: Normalization, progress: Progress | None):
-        h, w = image.shape
-        x = norm.apply(pad_to_multiple(image.astype(np.float32), self.multiple)[0])
-        x = x.astype(np.float32)
-        ph, pw = x.shape
+        out = np.empty(image.shape, np.float32)
+        for y0, rows in self.stream(lambda a, b: image[a:b], image.shape, norm, progress):
+            out[y0 : y0 + len(rows)] = rows
+        return out
+
+    def stream(
+        self,
+        read_rows: Callable[[int, int], np.ndarray],
+        shape: tuple[int, int],
+        norm: Normalization | None = None,
+        progress: Progress | None = None,
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Denoises an (H, W) image read lazily, a band of rows at a time: yields (y0, rows),
+        float32 rows y0 .. y0 + len(rows) of the output, top to bottom, covering the image.
+
+        `read_rows(a, b)` returns rows a .. b of the image in original units (any dtype). Images
+        that fit in a tile are read and predicted whole. Larger ones go one row of tiles at a
+        time: memory holds that row of tiles' input band and the blending accumulator of the
+        rows later tiles still add to (a tile's height each, full width), never the image. Each
+        pixel sums the same tiles' weighted predictions in the same order as a whole-plane
+        accumulator would, so the result is the same numbers.
+        """
+        norm = self.norm if norm is None else norm
+        h, w = (int(s) for s in shape)
+        if self.fits_whole((h, w)):
+            out = self._forward([np.asarray(read_rows(0, h))], [norm])[0]
+            if progress is not None:
+                progress(1, 1)
+            yield 0, out
+            return
+        ph, pw = _round_up(h, self.multiple), _round_up(w, self.multiple)
+        # np.pad's reflection as an index map (both axes use one mode, as in pad_to_multiple)
+        mode = "reflect" if (ph - h < h and pw - w < w) else "symmetric"
+        row_of = np.pad(np.arange(h), (0, ph - h), mode=mode)
         tl = self.tiling
         th, tw = min(tl.tile, ph), min(tl.tile, pw)
         ys, xs = tl.positions(ph), tl.positions(pw)
-        # Separable windows on a product grid: the weight sum is separable too.
         wy = {y: tl.window(y, th, ph) for y in ys}
         wx = {x0: tl.window(x0, tw, pw) for x0 in xs}
         norm_y, norm_x = np.zeros(ph), np.zeros(pw)
@@ -336,15 +365,34 @@ class Denoiser:
             norm_y[y : y + th] += wy[y]
         for x0 in xs:
             norm_x[x0 : x0 + tw] += wx[x0]
-        acc = np.zeros((ph, pw), np.float32)
-        origins = [(y, x0) for y in ys for x0 in xs]
-        for i in range(0, len(origins), self.batch_size):
-            batch = origins[i : i + self.batch_size]
-            tiles = np.stack([x[y : y + th, x0 : x0 + tw] for y, x0 in batch])
-            pred = self._run(tiles)
-            for (y, x0), p in zip(batch, pred):
-                weight = (wy[y] / norm_y[y : y + th])[:, None] * (wx[x0] / norm_x[x0 : x0 + tw])
-                acc[y : y + th, x0 : x0 + tw] += (p * weight).astype(np.float32)
-            if progress is not None:
-                progress(min(i + self.batch_size, len(origins)), len(origins))
-        return np.asarray(norm.invert(acc[:h, :w].astype(np.float64)), np.float32)
+        total, done = len(ys) * len(xs), 0
+        acc = np.zeros((th, pw), np.float32)  # padded rows ys[k] .. ys[k] + th
+
+        def finished(a: int, b: int, rows: np.ndarray) -> tuple[int, np.ndarray]:
+            y = norm.invert(rows[: min(b, h) - a, :w].astype(np.float64))
+            return a, np.asarray(y, np.float32)
+
+        for k, y in enumerate(ys):
+            idx = row_of[y : y + th]
+            lo = int(idx.min())
+            band = np.asarray(read_rows(lo, int(idx.max()) + 1))[idx - lo].astype(np.float32)
+            if pw > w:
+                band = np.pad(band, ((0, 0), (0, pw - w)), mode=mode)
+            band = np.asarray(norm.apply(band), np.float32)
+            for i in range(0, len(xs), self.batch_size):
+                batch = xs[i : i + self.batch_size]
+                pred = self._run(np.stack([band[:, x0 : x0 + tw] for x0 in batch]))
+                wrow = (wy[y] / norm_y[y : y + th])[:, None]
+                for x0, p in zip(batch, pred):
+                    weight = wrow * (wx[x0] / norm_x[x0 : x0 + tw])
+                    acc[:, x0 : x0 + tw] += (p * weight).astype(np.float32)
+                done += len(batch)
+                if progress is not None:
+                    progress(done, total)
+            if k + 1 < len(ys):  # rows above the next row of tiles are final
+                step = ys[k + 1] - y
+                if y < h:
+                    yield finished(y, min(y + step, h), acc[:step])
+                acc = np.concatenate([acc[step:], np.zeros((step, pw), np.float32)])
+            elif y < h:
+                yield finished(y, h, acc)
