@@ -76,6 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.root = ""  # benchmarks: where `clidim-jax download` put them ("": $CLIDIM_JAX_DATA
     # or ~/.cache/clidim_jax/datasets)
     c.data.axes = ""  # override the TIFF's axes metadata, e.g. TYX, ZYX, YX ("": the file's)
+    # The channel to train on, of images with a C axis (0-based); -1: the images must have one
+    # channel (a multi-channel image is refused with a message naming this field).
+    c.data.channel = -1
     # Spatial split of stack / paired images: the test region "y0:y1,x0:x1" (numpy bounds, empty
     # = edge), or, when empty, the left `test_fraction` of the columns. Training uses
     # `train_regions` ("y0:y1,x0:x1;..."), or, when empty, the rest of the image. The benchmark
@@ -280,6 +283,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.data.synthetic_gain={sg} must be (low, high), 0 < low <= high")
     if c.data.crop_tries < 1:
         raise ConfigError(f"config.data.crop_tries={c.data.crop_tries} must be at least 1")
+    if c.data.channel < -1:
+        raise ConfigError(
+            f"config.data.channel={c.data.channel} must be a channel index (0, 1, ...) or -1"
+        )
     if c.data.headroom < 0:
         raise ConfigError(f"config.data.headroom={c.data.headroom} must be >= 0")
     if c.data.normalization == "reference" and c.data.vst != "none":

@@ -98,6 +98,7 @@ FIXED_ON_RESUME = (
     "data.noisy_path",
     "data.clean_path",
     "data.axes",
+    "data.channel",
     "data.test_fraction",
     "data.test_region",
     "data.train_regions",

@@ -8,8 +8,11 @@ On the device, only the bounding box of the views that training uses is kept (`d
 
 Sources (`config.data.source`):
   demo          the bundled ACsN TIRF stack (20 x 256 x 256 uint16)
-  stack         a TIFF of repeated noisy acquisitions of a static field; ground truth = their mean
-  paired        noisy and clean TIFFs: two files, or two folders matched by file name
+  stack         a TIFF (or OME-Zarr image) of repeated noisy acquisitions of a static field;
+                ground truth = their mean
+  paired        noisy and clean TIFFs or OME-Zarr images: two files, or two folders matched by
+                file name
+Images with a channel axis need `data.channel` (the channel to train on).
   convallaria, actin, skull
                 the paper's benchmark stacks (`clidim-jax download NAME`), with the PN2V splits
 """
@@ -368,8 +371,13 @@ def _whole(fields: list[_Field], name: str) -> PairedImages:
 # Sources
 
 
+def _read(path: str, data: ml_collections.ConfigDict) -> np.ndarray:
+    """(N, H, W) planes of a TIFF or OME-Zarr image, with data.axes and data.channel."""
+    return read_tiff(path, axes=data.get("axes", ""), channel=int(data.get("channel", -1)))
+
+
 def _stack_field(path: str, data: ml_collections.ConfigDict, name: str) -> _Field:
-    stack = read_tiff(path, axes=data.get("axes", ""))
+    stack = _read(path, data)
     gt = mean_ground_truth(stack, path, truncate=data.get("ground_truth") == "mean_uint16")
     return _Field(stack, gt, np.zeros(len(stack), np.int32), name)
 
@@ -378,22 +386,22 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 
 
 def _tiffs_in(folder: str) -> dict[str, str]:
-    """stem -> path of the TIFF files directly in a folder."""
+    """stem -> path of the TIFF files and OME-Zarr images directly in a folder."""
     out: dict[str, str] = {}
     for entry in sorted(os.listdir(folder)):
-        stem, ext = os.path.splitext(entry)
-        if ext.lower() in TIFF_SUFFIXES and not entry.startswith("."):
+        stem, ext = os.path.splitext(entry.rstrip("/"))
+        if ext.lower() in (*TIFF_SUFFIXES, ".zarr") and not entry.startswith("."):
             if stem in out:
                 raise DataError(f"{folder}: both {os.path.basename(out[stem])} and {entry}")
             out[stem] = os.path.join(folder, entry)
     if not out:
-        raise DataError(f"{folder}: an empty folder (no .tif or .tiff files)")
+        raise DataError(f"{folder}: an empty folder (no .tif, .tiff or .zarr images)")
     return out
 
 
-def _pair_field(noisy_path: str, clean_path: str, axes: str) -> _Field:
-    noisy = read_tiff(noisy_path, axes=axes)
-    clean = read_tiff(clean_path, axes=axes)
+def _pair_field(noisy_path: str, clean_path: str, data: ml_collections.ConfigDict) -> _Field:
+    noisy = _read(noisy_path, data)
+    clean = _read(clean_path, data)
     if noisy.shape[1:] != clean.shape[1:]:
         raise DataError(
             f"{noisy_path}: noisy images are {noisy.shape[1]}x{noisy.shape[2]}, but "
@@ -412,7 +420,9 @@ def _pair_field(noisy_path: str, clean_path: str, axes: str) -> _Field:
     return _Field(noisy, clean, index, os.path.basename(noisy_path))
 
 
-def _paired_fields(noisy_path: str, clean_path: str, axes: str, what: str) -> list[_Field]:
+def _paired_fields(
+    noisy_path: str, clean_path: str, data: ml_collections.ConfigDict, what: str
+) -> list[_Field]:
     if not noisy_path or not clean_path:
         raise DataError(
             f"data.source=paired needs data.{what}noisy_path and data.{what}clean_path "
@@ -428,7 +438,7 @@ def _paired_fields(noisy_path: str, clean_path: str, axes: str, what: str) -> li
             f"{noisy_path} and {clean_path}: give two files or two folders, not one of each"
         )
     if not n_dir:
-        return [_pair_field(noisy_path, clean_path, axes)]
+        return [_pair_field(noisy_path, clean_path, data)]
     noisy, clean = _tiffs_in(noisy_path), _tiffs_in(clean_path)
     only_n, only_c = sorted(set(noisy) - set(clean)), sorted(set(clean) - set(noisy))
     if only_n or only_c:
@@ -440,7 +450,7 @@ def _paired_fields(noisy_path: str, clean_path: str, axes: str, what: str) -> li
         raise DataError(
             f"{noisy_path}: noisy and clean files are matched by name; " + "; ".join(parts)
         )
-    return [_pair_field(noisy[k], clean[k], axes) for k in sorted(noisy)]
+    return [_pair_field(noisy[k], clean[k], data) for k in sorted(noisy)]
 
 
 def benchmark_path(name: str, data: ml_collections.ConfigDict) -> str:
@@ -489,10 +499,9 @@ def _load_train_test(
         bench_train, bench_test = BENCHMARK_SPLITS[src]
         train, test = _split(fields, list(bench_train), bench_test, 0.0, p)
     elif src == "paired":
-        axes = data.get("axes", "")
-        fields = _paired_fields(data.noisy_path, data.clean_path, axes, "")
+        fields = _paired_fields(data.noisy_path, data.clean_path, data, "")
         if data.test_noisy_path or data.test_clean_path:
-            test_fields = _paired_fields(data.test_noisy_path, data.test_clean_path, axes, "test_")
+            test_fields = _paired_fields(data.test_noisy_path, data.test_clean_path, data, "test_")
             train = _whole(fields, _pair_name(data.noisy_path, fields))
             test = _whole(test_fields, _pair_name(data.test_noisy_path, test_fields))
         else:
@@ -576,8 +585,7 @@ def load_splits(
     val_fraction = float(data.get("val_fraction", 0.0))
     if data.get("val_noisy_path") or data.get("val_clean_path"):
         # Validation files take precedence over a validation region (data.val_fraction).
-        axes = data.get("axes", "")
-        val_fields = _paired_fields(data.val_noisy_path, data.val_clean_path, axes, "val_")
+        val_fields = _paired_fields(data.val_noisy_path, data.val_clean_path, data, "val_")
         val = _whole(val_fields, _pair_name(data.val_noisy_path, val_fields))
     else:
         train, val = carve_validation(train, val_fraction, full_width)

@@ -1,4 +1,5 @@
-"""TIFF reading with validation: every user-data problem becomes one `DataError` naming the file."""
+"""Reading training images (TIFF, or OME-Zarr through `clidim_jax.data.images`) with validation:
+every user-data problem becomes one `DataError` naming the file."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ SUPPORTED_DTYPES = (np.uint8, np.uint16, np.float32)
 
 # Axes that index 2-D planes (tifffile's letters: T time, Z depth, Q/I unknown or generic,
 # S a sample index when it leads, e.g. SYX; R/E/H/V/L/A/P/M/B/O other sequences). Each plane is one
-# image; the planes of all such axes are flattened into one stack. C (channels) must have size 1:
-# a mean over channels is not a denoising target, so the user picks one.
+# image; the planes of all such axes are flattened into one stack. Of a C (channel) axis the user
+# picks one channel (`data.channel`): channels differ in structure and brightness, and a mean over
+# them is not a denoising target.
 PLANE_AXES = frozenset("TZQISREHVLAPMBO")
 
 
@@ -21,17 +23,18 @@ class DataError(ValueError):
     """A problem with the user's data, reported as one clear message (no traceback)."""
 
 
-def _planes(arr: np.ndarray, axes: str, path: str, source: str) -> np.ndarray:
+def _planes(arr: np.ndarray, axes: str, path: str, source: str, channel: int = -1) -> np.ndarray:
     axes = axes.upper()
     if len(axes) != arr.ndim:
         raise DataError(
             f"{path}: axes {axes!r} ({source}) name {len(axes)} dimensions, the image has "
             f"{arr.ndim} (shape {arr.shape})"
         )
-    while len(axes) > 2 and axes[-1] in "SC" and arr.shape[-1] == 1:
-        arr, axes = arr[..., 0], axes[:-1]  # a trailing single sample/channel (YXS with S=1)
     if len(set(axes)) != len(axes):
         raise DataError(f"{path}: axes {axes!r} ({source}) repeat a letter")
+    arr, axes = _pick_channel(arr, axes, path, channel)
+    while len(axes) > 2 and axes[-1] in "SC" and arr.shape[-1] == 1:
+        arr, axes = arr[..., 0], axes[:-1]  # a trailing single sample/channel (YXS with S=1)
     if arr.ndim >= 3 and axes.endswith(("S", "C")) and arr.shape[-1] in (3, 4):
         raise DataError(
             f"{path}: a colour (RGB) image, axes {axes}, shape {arr.shape}: save one channel "
@@ -43,12 +46,7 @@ def _planes(arr: np.ndarray, axes: str, path: str, source: str) -> np.ndarray:
             f"{arr.shape}; the last two axes must be YX (set data.axes, e.g. TYX or ZYX, if the "
             "file's metadata is wrong)"
         )
-    for ax, n in zip(axes[:-2], arr.shape[:-2]):
-        if ax == "C" and n > 1:
-            raise DataError(
-                f"{path}: has {n} channels (axes {axes}, shape {arr.shape}); save the channel to "
-                "denoise as its own TIFF"
-            )
+    for ax in axes[:-2]:
         if ax not in PLANE_AXES and ax != "C":
             raise DataError(
                 f"{path}: unsupported axis {ax!r} in axes {axes} ({source}); planes may be "
@@ -57,15 +55,47 @@ def _planes(arr: np.ndarray, axes: str, path: str, source: str) -> np.ndarray:
     return arr.reshape((-1, *arr.shape[-2:]))
 
 
-def read_tiff(path: str | os.PathLike, *, axes: str = "") -> np.ndarray:
-    """Reads a 2-D image or a stack of 2-D planes as (N, H, W) in its stored dtype.
+def _pick_channel(arr: np.ndarray, axes: str, path: str, channel: int) -> tuple[np.ndarray, str]:
+    """The one channel `channel` of a C axis (-1: only a single channel is accepted)."""
+    n = arr.shape[axes.index("C")] if "C" in axes else 1
+    if channel < 0:
+        if n > 1:
+            raise DataError(
+                f"{path}: has {n} channels (axes {axes}, shape {arr.shape}); pick the one to "
+                f"train on with --config.data.channel=N (0 to {n - 1})"
+            )
+        return arr, axes
+    if "C" not in axes and channel > 0:
+        raise DataError(
+            f"{path}: config.data.channel={channel}, but the image has no channel axis (axes "
+            f"{axes}: one channel, 0)"
+        )
+    if channel >= n:
+        raise DataError(
+            f"{path}: config.data.channel={channel} is out of range: the image has {n} channels "
+            f"(0 to {n - 1}, axes {axes})"
+        )
+    if "C" not in axes:
+        return arr, axes
+    k = axes.index("C")
+    return np.take(arr, channel, axis=k), axes[:k] + axes[k + 1 :]
+
+
+def read_tiff(path: str | os.PathLike, *, axes: str = "", channel: int = -1) -> np.ndarray:
+    """Reads a 2-D image or a stack of 2-D planes as (N, H, W) in its stored dtype: a TIFF, or
+    an OME-Zarr image (a .zarr folder, NGFF 0.4 or 0.5; its full-resolution level).
 
     `axes` (e.g. "TYX", "ZYX", "YX") overrides the file's own axes metadata; every axis before YX
-    indexes planes (a ZYX stack is treated plane by plane).
+    indexes planes (a ZYX stack is treated plane by plane). `channel` picks one channel of a C
+    axis (-1: the image must have one channel only).
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
+    from clidim_jax.data.images import is_zarr
+
+    if is_zarr(path):
+        return _read_zarr(path, axes, channel)
     if os.path.isdir(path):
         raise DataError(f"{path}: is a folder, expected a TIFF file")
     log = logging.getLogger("tifffile")
@@ -87,7 +117,23 @@ def read_tiff(path: str | os.PathLike, *, axes: str = "") -> np.ndarray:
     arr = np.asarray(arr)
     if arr.ndim < 2 or min(arr.shape[-2:], default=0) < 1:
         raise DataError(f"{path}: not an image (shape {arr.shape})")
-    arr = _planes(arr, axes or meta_axes, path, "data.axes" if axes else "from the file")
+    arr = _planes(arr, axes or meta_axes, path, "data.axes" if axes else "from the file", channel)
+    return _checked(arr, path)
+
+
+def _read_zarr(path: str, axes: str, channel: int) -> np.ndarray:
+    from clidim_jax.data.images import ZarrImage
+
+    img = ZarrImage(path)
+    try:
+        arr = np.asarray(img._array[...])
+    except Exception as e:  # a missing or damaged chunk
+        raise DataError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from None
+    arr = _planes(arr, axes or img.axes, path, "data.axes" if axes else "from the file", channel)
+    return _checked(arr, path)
+
+
+def _checked(arr: np.ndarray, path: str) -> np.ndarray:
     if arr.dtype not in SUPPORTED_DTYPES:
         if np.issubdtype(arr.dtype, np.integer) and arr.min() >= 0 and arr.max() <= 65535:
             arr = arr.astype(np.uint16)
