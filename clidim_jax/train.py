@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -549,19 +550,35 @@ class TrainRun:
     validated: bool = False  # whether checkpoints carry a validation PSNR
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> TrainRun:
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    stop: threading.Event | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> TrainRun:
     """Trains in `workdir` (locked while it runs), continuing from its latest checkpoint.
 
     Bit-exact resume: the state, the PRNG key and the metric sums of the logging interval in
     progress are restored, every step's randomness is fold_in(key, step), and the data stay on
-    the device, so an interrupted run continues exactly as if it had not stopped."""
+    the device, so an interrupted run continues exactly as if it had not stopped.
+
+    Besides SIGTERM / SIGINT, setting `stop` (from another thread, e.g. a GUI's; one process
+    only) stops and saves at the next step; `progress(step, num_steps)` is called at the start
+    and after every step (on the training thread: keep it quick)."""
     check_not_busy(workdir, "train")  # refuse at once, before loading anything
     job = prepare(config)
     with WorkdirLock(workdir, "train"):
-        return _train(job, workdir)
+        return _train(job, workdir, stop_event=stop, progress=progress)
 
 
-def _train(job: Job, workdir: str) -> TrainRun:
+def _train(
+    job: Job,
+    workdir: str,
+    *,
+    stop_event: threading.Event | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> TrainRun:
     cc, num_steps = job.config.checkpoint, job.num_steps
     ckpts = Checkpoints(
         workdir, keep=cc.keep, keep_best=bool(cc.keep_best and job.val is not None),
@@ -578,6 +595,8 @@ def _train(job: Job, workdir: str) -> TrainRun:
         )
         log, save = Logger(job, writer), Saver(job, ckpts, writer, meta, start or None)
         divergence, stopped_by, step = Divergence(), None, start
+        if progress is not None:
+            progress(step, num_steps)
         with StopRequest() as stop:
             while step < num_steps:
                 t0 = time.perf_counter()
@@ -588,6 +607,8 @@ def _train(job: Job, workdir: str) -> TrainRun:
                 divergence.watch(flag, carry, job.names, save.last_saved)
                 boundary = step % job.config.train.log_every == 0
                 stopping = stop.should_stop(step, boundary=boundary)
+                if stop_event is not None and stop_event.is_set() and not stopping:
+                    stopping, stop.signal_name = True, stop.signal_name or "a stop request"
                 if boundary or stopping or step == num_steps:
                     divergence.pending.clear()
                     carry = log(carry, step, reset=boundary, last_saved=save.last_saved)
@@ -595,6 +616,8 @@ def _train(job: Job, workdir: str) -> TrainRun:
                 if stopping or step == num_steps or periodic:
                     # (no validation for a stop between periodic saves: leave quickly)
                     save(carry, key, step, validate=periodic or step == num_steps)
+                if progress is not None:
+                    progress(step, num_steps)
                 if stopping:
                     stopped_by = stop.signal_name
                     break
@@ -623,15 +646,21 @@ def _train(job: Job, workdir: str) -> TrainRun:
     )  # fmt: skip
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    stop: threading.Event | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
     """Trains the configured model in `workdir` (resuming from its checkpoints), then evaluates
     the checkpoint chosen on the validation data (else the final state) on the test split.
-    Stopped by SIGTERM/SIGINT, it saves, skips evaluation and returns
+    Stopped by SIGTERM/SIGINT (or `stop`, see `train`), it saves, skips evaluation and returns
     {"stopped_by": signal, "step": step}."""
     check_not_busy(workdir, "train")  # refuse at once, before loading anything
     job = prepare(config)
     with WorkdirLock(workdir, "train"):
-        run = _train(job, workdir)
+        run = _train(job, workdir, stop_event=stop, progress=progress)
         if run.stopped_by:
             return {"stopped_by": run.stopped_by, "step": run.step}
         if run.validated:
