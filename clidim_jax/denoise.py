@@ -408,6 +408,7 @@ def _write_tiff(path, src, stream, out_shape, out_axes, out_dtype) -> None:
             shape=out_shape,
             dtype=out_dtype,
             rowsperstrip=rows_per_strip,
+            photometric="minisblack",  # a C axis of 3 or 4 is channels, never RGB
             metadata=md,
             software="clidim-jax",
             **kwargs,
