@@ -223,7 +223,8 @@ def _write_tiff(folder: str, role: str, planes: np.ndarray) -> str:
     if not os.path.exists(path):
         os.makedirs(folder, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
-        tifffile.imwrite(tmp, planes, metadata={"axes": "TYX"})
+        # (minisblack: 3 or 4 planes are not a colour image)
+        tifffile.imwrite(tmp, planes, photometric="minisblack", metadata={"axes": "TYX"})
         os.replace(tmp, path)
     return path
 
