@@ -250,6 +250,7 @@ class _Partial:
         base = os.path.basename(output_path.rstrip("/\\"))
         self.tmp = os.path.join(folder, f".{base}.{os.getpid()}.partial")
         self._old = os.path.join(folder, f".{base}.{os.getpid()}.old")
+        self.remove()  # left by a killed process that had this process id
 
     def commit(self) -> None:
         if os.path.isdir(self.output):  # a Zarr folder cannot be replaced in one rename
