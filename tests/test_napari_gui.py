@@ -6,6 +6,7 @@ screenshot of the window saved (and copied to $CLIDIM_JAX_NAPARI_SCREENSHOT if s
 Needs napari, a Qt binding and pytest-qt (`pip install '.[napari]' pytest-qt`) and an X
 server or Xvfb (Debian: apt-get install xvfb); skipped without them."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -67,32 +68,38 @@ def viewer(display, make_napari_viewer):
 
 
 def test_denoise_widget_in_napari(viewer, qtbot, tiny_run, tmp_path):
-    from clidim_jax.run import denoiser_from_run
+    """The Denoise widget on the TIRF sample stack, plane by plane, tiled. The model: the
+    session's tiny run, or $CLIDIM_JAX_NAPARI_MODEL (the README's screenshot uses a trained demo
+    run: `clidim-jax train --workdir runs/demo`)."""
+    from clidim_jax.napari.jobs import load_denoiser
 
-    workdir, proc = tiny_run
-    assert proc.returncode == 0, proc.stderr
-    viewer.window.resize(1400, 860)
-    (noisy,) = viewer.open_sample("clidim-jax", "convallaria")
-    noisy.scale = (0.25, 0.5)  # anisotropic pixels and an offset, which the result must keep
-    noisy.translate = (10.0, -4.0)
+    model = os.environ.get("CLIDIM_JAX_NAPARI_MODEL")
+    if not model:
+        workdir, proc = tiny_run
+        assert proc.returncode == 0, proc.stderr
+        model = str(workdir)
+    viewer.window.resize(1400, 820)
+    (noisy,) = viewer.open_sample("clidim-jax", "tirf")
+    noisy.scale = (1.0, 0.5, 0.5)  # a pixel size and an offset: the result keeps them
+    noisy.translate = (0.0, 10.0, -4.0)
     _, widget = viewer.window.add_plugin_dock_widget("clidim-jax", "Denoise")
-    assert widget.image.currentText() == noisy.name == "Convallaria"
-    widget.model.setText(str(workdir))
-    widget.tile.setValue(256)  # 1024 x 1024: 25 tiles, the progress bar moves
+    assert widget.image.currentText() == noisy.name == "TIRF demo stack"
+    widget.model.setText(model)
+    widget.tile.setValue(128)  # 256 x 256 planes: 9 tiles each, the progress bar moves
     widget.run_button.click()
     assert widget.running and widget.cancel_button.isEnabled()
     qtbot.waitUntil(lambda: not widget.running, timeout=300_000)
-    assert widget.status.text().startswith("added Convallaria denoised"), widget.status.text()
-    assert widget.progress.value() == 1000
+    assert widget.status.text() == "added TIRF demo stack denoised: 20x256x256 float32"
+    assert widget.progress.value() == 1000 and not widget.cancel_button.isEnabled()
 
-    out = viewer.layers["Convallaria denoised"]
-    assert out.data.shape == noisy.data.shape == (1024, 1024) and out.data.dtype == np.float32
+    out = viewer.layers["TIRF demo stack denoised"]
+    assert out.data.shape == noisy.data.shape and out.data.dtype == np.float32
     np.testing.assert_array_equal(out.scale, noisy.scale)
     np.testing.assert_array_equal(out.translate, noisy.translate)
-    expected = denoiser_from_run(str(workdir), tile=256).denoise(noisy.data)
+    expected = load_denoiser(model, tile=128)(noisy.data)  # the Denoiser on the whole stack
     np.testing.assert_allclose(out.data, expected, rtol=0, atol=1e-6 * np.ptp(expected))
 
-    # the noisy and the denoised image side by side, contrast from the denoised image
+    # the noisy and the denoised plane side by side, one contrast (the denoised image's)
     lo, hi = np.percentile(out.data, (0.5, 99.8))
     noisy.contrast_limits = out.contrast_limits = (float(lo), float(hi))
     viewer.grid.enabled = True
@@ -102,3 +109,37 @@ def test_denoise_widget_in_napari(viewer, qtbot, tiny_run, tmp_path):
     assert shot.ndim == 3 and shot.shape[0] >= 600
     if os.environ.get("CLIDIM_JAX_NAPARI_SCREENSHOT"):
         shutil.copyfile(tmp_path / "napari_denoise.png", os.environ["CLIDIM_JAX_NAPARI_SCREENSHOT"])
+
+
+def test_train_widget_stops_resumes_and_draws_the_curves(viewer, qtbot, tmp_path):
+    from clidim_jax.napari.widgets import NO_CLEAN
+
+    (stack,) = viewer.open_sample("clidim-jax", "tirf")
+    assert stack.data.shape == (20, 256, 256)
+    viewer.add_image(stack.data[:8, :64, :128], name="frames")  # small: a tiny run
+    _, widget = viewer.window.add_plugin_dock_widget("clidim-jax", "Train")
+    widget.noisy.setCurrentText("frames")
+    assert widget.noisy.currentText() == "frames" and widget.clean.currentText() == NO_CLEAN
+    assert widget.preset.currentText() == "own_data"
+    widget.preset_arg.setText("tiny")
+    widget.steps.setValue(6)
+    workdir = tmp_path / "run"
+    widget.workdir.setText(str(workdir))
+
+    widget.run_button.click()
+    widget.stop_button.click()  # while it prepares: it stops after its first step
+    qtbot.waitUntil(lambda: not widget.running, timeout=300_000)
+    assert widget.status.text().startswith("stopped at step 1 (checkpoint saved)")
+    assert os.listdir(workdir / "checkpoints") == ["1"]
+    assert widget.curves_shown()["training loss"][:, 0].tolist() == [1]
+
+    widget.run_button.click()  # the same folder: resumes
+    qtbot.waitUntil(lambda: not widget.running, timeout=300_000)
+    assert "trained; test split: PSNR" in widget.status.text(), widget.status.text()
+    shown = widget.curves_shown()
+    assert shown["training loss"][:, 0].tolist() == [1, 2, 3, 4, 5, 6]
+    assert shown["validation PSNR (dB)"][:, 0].tolist() == [1, 2, 3, 4, 5, 6]
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    psnr = [r["val/psnr"] for r in rows if "val/psnr" in r]
+    np.testing.assert_allclose(shown["validation PSNR (dB)"][:, 1], psnr)
+    viewer.screenshot(str(tmp_path / "napari_train.png"), canvas_only=False)
