@@ -84,6 +84,8 @@ def test_denoise_widget_in_napari(viewer, qtbot, tiny_run, tmp_path):
     noisy.translate = (0.0, 10.0, -4.0)
     _, widget = viewer.window.add_plugin_dock_widget("clidim-jax", "Denoise")
     assert widget.image.currentText() == noisy.name == "TIRF demo stack"
+    widget.run_button.click()  # no model chosen: a message, nothing started
+    assert widget.status.text().startswith("choose a model") and not widget.running
     widget.model.setText(model)
     widget.tile.setValue(128)  # 256 x 256 planes: 9 tiles each, the progress bar moves
     widget.run_button.click()
@@ -102,7 +104,7 @@ def test_denoise_widget_in_napari(viewer, qtbot, tiny_run, tmp_path):
     # the noisy and the denoised plane side by side, one contrast (the denoised image's)
     lo, hi = np.percentile(out.data, (0.5, 99.8))
     noisy.contrast_limits = out.contrast_limits = (float(lo), float(hi))
-    viewer.grid.enabled = True
+    (viewer.canvas if hasattr(viewer, "canvas") else viewer).grid.enabled = True  # (napari 0.9)
     viewer.reset_view()
     qtbot.wait(300)
     shot = viewer.screenshot(str(tmp_path / "napari_denoise.png"), canvas_only=False)
@@ -117,7 +119,7 @@ def test_train_widget_stops_resumes_and_draws_the_curves(viewer, qtbot, tmp_path
     (stack,) = viewer.open_sample("clidim-jax", "tirf")
     assert stack.data.shape == (20, 256, 256)
     viewer.add_image(stack.data[:8, :64, :128], name="frames")  # small: a tiny run
-    _, widget = viewer.window.add_plugin_dock_widget("clidim-jax", "Train")
+    dock, widget = viewer.window.add_plugin_dock_widget("clidim-jax", "Train")
     widget.noisy.setCurrentText("frames")
     assert widget.noisy.currentText() == "frames" and widget.clean.currentText() == NO_CLEAN
     assert widget.preset.currentText() == "own_data"
@@ -143,3 +145,9 @@ def test_train_widget_stops_resumes_and_draws_the_curves(viewer, qtbot, tmp_path
     psnr = [r["val/psnr"] for r in rows if "val/psnr" in r]
     np.testing.assert_allclose(shown["validation PSNR (dB)"][:, 1], psnr)
     viewer.screenshot(str(tmp_path / "napari_train.png"), canvas_only=False)
+
+    # closed, the widget stops following the layer list (its Qt objects are gone)
+    viewer.window.remove_dock_widget(dock)
+    qtbot.wait(50)
+    viewer.add_image(np.zeros((4, 4)), name="after closing")
+    viewer.layers["frames"].name = "renamed"

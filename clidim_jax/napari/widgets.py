@@ -47,18 +47,27 @@ class LayerChoice(QComboBox):
         super().__init__()
         self.viewer, self.first = viewer, first
         events = viewer.layers.events
-        for event in (events.inserted, events.removed, events.moved, events.reordered):
+        self._events = [events.inserted, events.removed, events.moved, events.reordered]
+        for event in self._events:
             event.connect(self.refresh)
         events.inserted.connect(self._watch_name)
         for layer in viewer.layers:
-            layer.events.name.connect(self.refresh)
+            self._watch_name(layer)
         self.refresh()
 
-    def _watch_name(self, event: Any) -> None:
-        event.value.events.name.connect(self.refresh)
+    def _watch_name(self, event_or_layer: Any) -> None:
+        layer = getattr(event_or_layer, "value", event_or_layer)
+        layer.events.name.connect(self.refresh)
+        self._events.append(layer.events.name)
 
     def refresh(self, *_: Any) -> None:
-        current = self.currentText()
+        try:
+            current = self.currentText()
+        except RuntimeError:  # the widget was closed (its Qt object is gone): stop listening
+            for event in self._events:
+                event.disconnect(self.refresh)
+            self.viewer.layers.events.inserted.disconnect(self._watch_name)
+            return
         self.blockSignals(True)
         self.clear()
         if self.first is not None:
