@@ -180,6 +180,18 @@ def test_reads_ngff_04_and_05_and_writes_a_tiff(tmp_path, version):
     np.testing.assert_allclose(got[1, 2], d.denoise(data[1, 2]), rtol=1e-6, atol=1e-3)
 
 
+def test_a_bioformats2raw_folder_opens_its_first_image(tmp_path):
+    data = np.arange(2 * 20 * 24, dtype=np.uint16).reshape(2, 20, 24)
+    root = zarr.open_group(str(tmp_path / "b2r.zarr"), mode="w", zarr_format=3)
+    root.attrs["ome"] = {"version": "0.5", "bioformats2raw.layout": 3}
+    axes = [{"name": "z", "type": "space"}, {"name": "y", "type": "space"},
+            {"name": "x", "type": "space"}]  # fmt: skip
+    ngff_image(tmp_path / "b2r.zarr" / "0", data, "0.5", axes, [1.0, 1.0, 1.0])
+    img = open_image(str(tmp_path / "b2r.zarr"))
+    assert img.axes == "ZYX" and img.shape == data.shape
+    np.testing.assert_array_equal(img.plane(1), data[1])
+
+
 def test_tiled_compressed_and_big_endian_tiffs_are_read_region_by_region(tmp_path):
     plane = np.random.default_rng(4).integers(0, 4000, (300, 260)).astype(np.uint16)
     tiled, big = tmp_path / "tiled.tif", tmp_path / "big.tif"
