@@ -515,6 +515,8 @@ def denoise_folder(
         raise DataError(f"{input_dir}: folder not found")
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise DataError(f"{output_dir}: exists and is not a folder")
+    if os.path.abspath(output_dir) == os.path.abspath(input_dir):
+        raise DataError(f"{output_dir}: the output folder is the input folder; choose another")
     if dtype not in OUTPUT_DTYPES:
         raise DataError(f"--dtype={dtype!r} is not one of {', '.join(OUTPUT_DTYPES)}")
     names = find_images(input_dir, recursive, exclude=output_dir)

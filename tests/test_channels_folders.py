@@ -190,6 +190,8 @@ def test_a_folder_mirrors_skips_existing_and_reports_every_failure(tmp_path):
     np.testing.assert_allclose(tifffile.imread(out / "sub" / "b.tiff")[1],
                                a(planes["sub/b.tiff"][1]), rtol=1e-6, atol=1e-4)  # fmt: skip
     assert not [n for _, _, fs in os.walk(out) for n in fs if n.startswith(".")]
+    with pytest.raises(DataError, match="the output folder is the input folder"):
+        denoise_folder(str(root), str(root) + "/", a)
     # the progress line: files done / total, skipped, failed, time left
     bar = FolderProgress("in", 3, stream=err)
     bar.update("denoised")
