@@ -178,6 +178,16 @@ def test_reads_ngff_04_and_05_and_writes_a_tiff(tmp_path, version):
     assert got.shape == data.shape and open_image(str(out)).axes == "CZYX"
     assert xres[0] / xres[1] == pytest.approx(1e4 / 0.25, rel=1e-6)
     np.testing.assert_allclose(got[1, 2], d.denoise(data[1, 2]), rtol=1e-6, atol=1e-3)
+    # OME-Zarr to OME-Zarr: the same axes and scale, the same numbers
+    zout = tmp_path / "out.zarr"
+    denoise_file(str(src), str(zout), d, progress=False)
+    (ms,) = zarr.open_group(str(zout), mode="r").attrs["ome"]["multiscales"]
+    assert [(a["name"], a.get("unit")) for a in ms["axes"]] == [
+        ("c", None), ("z", "micrometer"), ("y", "micrometer"), ("x", "micrometer")
+    ]  # fmt: skip
+    scale = ms["datasets"][0]["coordinateTransformations"][0]["scale"]
+    assert scale == pytest.approx([1.0, 2.0, 0.2, 0.25])
+    np.testing.assert_array_equal(zarr.open_group(str(zout), mode="r")["0"][...], got)
 
 
 def test_a_bioformats2raw_folder_opens_its_first_image(tmp_path):
