@@ -218,6 +218,13 @@ def test_training_stops_from_another_thread_and_resumes(tmp_path, stack):
     curves = jobs.read_curves(workdir)
     assert curves[jobs.LOSS_KEY][0] == [2, 4, 6] and curves[jobs.PSNR_KEY][0] == [2, 4, 6]
 
+    # other layers in the same folder: refused (they are other files), one line
+    other = jobs.write_training_data(workdir, frames[:, :, ::-1])
+    config = jobs.training_config("own_data", other, steps=20, arg="tiny")
+    with pytest.raises(jobs.UserError, match=r"cannot continue: config\.data\.path is") as e:
+        jobs.train(config, workdir)
+    assert "\n" not in str(e.value)
+
 
 def test_read_curves_keeps_the_later_value_of_a_step(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(
