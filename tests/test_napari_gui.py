@@ -89,6 +89,11 @@ def test_denoise_widget_in_napari(viewer, qtbot, tiny_run, tmp_path):
     widget.model.setText(model)
     widget.tile.setValue(128)  # 256 x 256 planes: 9 tiles each, the progress bar moves
     widget.run_button.click()
+    widget.cancel_button.click()  # while the model loads: nothing added
+    qtbot.waitUntil(lambda: not widget.running, timeout=300_000)
+    assert widget.status.text() == "cancelled" and len(viewer.layers) == 1
+
+    widget.run_button.click()
     assert widget.running and widget.cancel_button.isEnabled()
     qtbot.waitUntil(lambda: not widget.running, timeout=300_000)
     assert widget.status.text() == "added TIRF demo stack denoised: 20x256x256 float32"
