@@ -92,6 +92,10 @@ def test_denoise_widget_in_napari(viewer, qtbot, tiny_run, tmp_path):
     widget.cancel_button.click()  # while the model loads: nothing added
     qtbot.waitUntil(lambda: not widget.running, timeout=300_000)
     assert widget.status.text() == "cancelled" and len(viewer.layers) == 1
+    widget.run_button.click()
+    widget.worker.quit()  # what napari does when its window closes with the job running
+    qtbot.waitUntil(lambda: not widget.running, timeout=300_000)
+    assert widget.status.text() == "cancelled" and len(viewer.layers) == 1
 
     widget.run_button.click()
     assert widget.running and widget.cancel_button.isEnabled()

@@ -16,7 +16,7 @@ from typing import Any
 import napari
 import numpy as np
 from napari.layers import Image
-from napari.qt.threading import create_worker
+from napari.qt.threading import FunctionWorker, create_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
@@ -107,9 +107,23 @@ def _path_row(edit: QLineEdit, *buttons: QPushButton) -> QHBoxLayout:
     return row
 
 
+class _Worker(FunctionWorker):
+    """A napari function worker whose quit request (napari's, when the window closes with the
+    job running) sets the job's own stop / cancel event."""
+
+    stop_event: threading.Event | None = None
+
+    def quit(self) -> None:
+        if self.stop_event is not None:
+            self.stop_event.set()
+        super().quit()
+
+
 class _JobWidget(QWidget):
     """A widget that runs one background job at a time, with a progress bar, a status line and
     a timer showing the job's progress."""
+
+    quit_message = "cancelled"  # what the status line says after the worker was quit
 
     def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__()
@@ -133,9 +147,13 @@ class _JobWidget(QWidget):
         self.status.setText(text)
         (show_error if error else show_info)(text)
 
-    def start(self, job: Any, *args: Any, **kwargs: Any) -> None:
-        """Runs jobs.guarded(job, *args, **kwargs) in a napari worker thread."""
-        worker = create_worker(jobs.guarded, job, *args, _start_thread=False, **kwargs)
+    def start(self, stop: threading.Event, job: Any, *args: Any, **kwargs: Any) -> None:
+        """Runs jobs.guarded(job, *args, **kwargs) in a napari worker thread; the worker's quit
+        sets `stop`."""
+        worker = create_worker(
+            jobs.guarded, job, *args, _start_thread=False, _worker_class=_Worker, **kwargs
+        )
+        worker.stop_event = stop
         worker.returned.connect(self._returned)
         worker.finished.connect(self._finished)
         self.worker = worker
@@ -158,6 +176,8 @@ class _JobWidget(QWidget):
 
     def _finished(self) -> None:
         self.timer.stop()
+        if self.worker.abort_requested:  # (a quit worker emits no `returned`)
+            self.say(self.quit_message)
         self.worker = None
         self.set_running(False)
 
@@ -264,7 +284,9 @@ class DenoiseWidget(_JobWidget):
         self._source = layer
         self.report = _Report("loading the model")
         self.status.setText(f"denoising {layer.name}")
-        self.start(self.job, self.settings(), data, layer.name, self._cancel, self.report)
+        self.start(
+            self._cancel, self.job, self.settings(), data, layer.name, self._cancel, self.report
+        )
 
     def job(self, settings: tuple, data: Any, name: str, cancel: threading.Event, report):
         """(in the worker thread) -> (settings, Denoiser, denoised array)."""
@@ -325,6 +347,8 @@ class TrainWidget(_JobWidget):
     truth) through a packaged preset, in a workdir; draws the loss and the validation PSNR from
     its metrics.jsonl as it trains; Stop saves a checkpoint, and training again in the same
     folder resumes."""
+
+    quit_message = "stopped (with a checkpoint once a step was done); train again to resume"
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__(napari_viewer)
@@ -404,6 +428,7 @@ class TrainWidget(_JobWidget):
         self.status.setText(f"training in {workdir}")
         self._curve_timer.start()
         self.start(
+            self._stop,
             self.job,
             workdir,
             self.preset.currentText(),
