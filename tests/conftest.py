@@ -108,6 +108,30 @@ def tiny_run():
     return workdir, subprocess.CompletedProcess(["clidim-jax", "train"], code, out, err)
 
 
+@pytest.fixture(scope="session")
+def tiny_exports(tiny_run):
+    """The shared tiny run exported once per session through the command line, in both formats
+    (shared across the xdist workers like `tiny_run`; read them, never write into them):
+    {"clidim": path, "bmz": path, "bmz_stdout": what `export --format bmz` printed}."""
+    import fcntl
+    import json
+    import pathlib
+
+    root = pathlib.Path(os.environ["CLIDIM_JAX_TEST_SHARED"])
+    record = root / "tiny_exports.json"
+    with open(root / "tiny_exports.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not record.exists():
+            workdir = tiny_run[0]
+            clidim, bmz = root / "tiny.clidim", root / "tiny.zip"
+            run_cli("export", f"--workdir={workdir}", str(clidim))
+            p = run_cli("export", f"--workdir={workdir}", "--format=bmz", str(bmz))
+            record.write_text(
+                json.dumps({"clidim": str(clidim), "bmz": str(bmz), "bmz_stdout": p.stdout})
+            )
+    return json.loads(record.read_text())
+
+
 def read_until(proc, pattern: str, timeout: float = 300) -> list[str]:
     """Lines of a process's (text) stdout up to the first matching `pattern`; kills the process
     and fails if it ends or `timeout` passes first."""

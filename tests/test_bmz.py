@@ -255,20 +255,17 @@ def test_an_existing_output_is_kept_without_overwrite(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_run, tmp_path_factory):
-    """The shared tiny demo run exported through the command line."""
-    workdir, _ = tiny_run
-    out = str(tmp_path_factory.mktemp("bmz_export") / "tiny.zip")
-    p = run_cli("export", f"--workdir={workdir}", "--format=bmz", out)
-    return str(workdir), out, p
+def exported(tiny_run, tiny_exports):
+    """The shared tiny demo run exported through the command line (once per session)."""
+    return str(tiny_run[0]), tiny_exports["bmz"], tiny_exports["bmz_stdout"]
 
 
 @pytest.mark.slow
 def test_export_writes_a_package_the_onnx_path_reproduces(exported):
     from clidim_jax.run import restore_run
 
-    workdir, out, p = exported
-    assert "BioImage Model Zoo package" in p.stdout
+    workdir, out, stdout = exported
+    assert "BioImage Model Zoo package" in stdout
     rdf, files = bmz.read_package(out)
     restored = restore_run(workdir)
     depth = restored.nets.generator.depth  # 4: 16-pixel units, halo 8

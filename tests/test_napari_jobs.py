@@ -16,18 +16,12 @@ from clidim_jax.napari import jobs
 
 
 @pytest.fixture(scope="module")
-def models(tiny_run, tmp_path_factory):
+def models(tiny_run, tiny_exports):
     """The session's tiny run and the two files exported from it: {kind: path}."""
     pytest.importorskip("onnx")
-    from clidim_jax.bmz import export_bmz
-    from clidim_jax.export import export_run
-
     workdir, proc = tiny_run
     assert proc.returncode == 0, proc.stderr
-    out = tmp_path_factory.mktemp("napari_models")
-    export_run(str(workdir), str(out / "tiny.clidim"))
-    export_bmz(str(workdir), str(out / "tiny.zip"))
-    return {"run": str(workdir), "clidim": str(out / "tiny.clidim"), "bmz": str(out / "tiny.zip")}
+    return {"run": str(workdir), "clidim": tiny_exports["clidim"], "bmz": tiny_exports["bmz"]}
 
 
 @pytest.fixture(scope="module")
