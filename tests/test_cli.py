@@ -59,9 +59,10 @@ def test_evaluate_reproduces_the_trained_models_metrics(trained):
     assert (workdir / "eval.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_denoise_the_example_and_export_a_model_file(trained, tmp_path):
+def test_denoise_the_example_and_export_a_model_file(trained, tiny_exports, tmp_path):
     """`denoise` on the bundled 1024x1024 Convallaria frame (tiled at the default 512), from the
-    checkpoint and from an exported model file: same shape, finite, bit-for-bit equal."""
+    checkpoint and from the model file `clidim-jax export` wrote of the same run (once per
+    session, `tiny_exports`): same shape, finite, bit-for-bit equal."""
     import numpy as np
     import tifffile
 
@@ -72,16 +73,19 @@ def test_denoise_the_example_and_export_a_model_file(trained, tmp_path):
     out_ckpt, out_file = tmp_path / "from_ckpt.tif", tmp_path / "from_model.tif"
     p = run_cli("denoise", example, str(out_ckpt), f"--workdir={workdir}")
     assert "plane 1/1 done" in p.stderr
-    run_cli("export", f"--workdir={workdir}", str(tmp_path / "model.clidim"))
-    run_cli("denoise", example, str(out_file), f"--model={tmp_path / 'model.clidim'}")
+    model = tmp_path / "model.clidim"
+    shutil.copyfile(tiny_exports["clidim"], model)
+    run_cli("denoise", example, str(out_file), f"--model={model}")
     a, b = tifffile.imread(out_ckpt), tifffile.imread(out_file)
     assert a.shape == (1024, 1024) and a.dtype == np.float32 and np.all(np.isfinite(a))
     np.testing.assert_array_equal(a, b)
     with tifffile.TiffFile(out_ckpt) as t:  # ImageJ metadata and pixel size carried over
         assert t.imagej_metadata["unit"] == "cm"
         assert "XResolution" in t.pages[0].tags
-    p = run_cli("export", f"--workdir={workdir}", str(tmp_path / "model.clidim"), check=False)
+    before = model.read_bytes()
+    p = run_cli("export", f"--workdir={workdir}", str(model), check=False)
     assert p.returncode == 2 and "model.clidim: already exists" in p.stderr
+    assert model.read_bytes() == before
 
 
 def test_user_errors_are_one_line_without_traceback(tmp_path):
