@@ -1,4 +1,5 @@
-"""Data parallelism for real: 1 vs 4 vs 8 CPU devices, two processes vs one, and bfloat16 compute.
+"""Data parallelism for real: 8 CPU devices in one process and 4 in two processes (2 x 2) against
+1 device, and bfloat16 compute.
 
 The multi-device runs happen in fresh processes (tests/multidevice_worker.py), since the number of
 CPU devices and the distributed runtime are fixed when JAX starts. Agreement is to float
@@ -44,7 +45,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     out = tmp_path_factory.mktemp("md") / "one.npz"
-    p = _run(["--devices", "8", "--mesh-sizes", "1,4,8", "--also-bfloat16", "--out", str(out)])
+    p = _run(["--devices", "8", "--mesh-sizes", "1,8", "--also-bfloat16", "--out", str(out)])
     assert p.wait(timeout=600) == 0
     return np.load(out)
 
@@ -62,17 +63,17 @@ def _assert_close(a, b, key_a, key_b):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("n", [4, 8])
-def test_same_function_on_1_4_8_devices(one_process, n):
+def test_same_function_on_1_and_8_devices(one_process):
     r = one_process
     assert r["losses_1"].shape == (3, len(r["names"]))
-    _assert_close(r, r, n, 1)
+    _assert_close(r, r, 8, 1)
     # ...and the runs really trained (the comparison is not between untouched states).
     assert not np.allclose(r["losses_1"][0], r["losses_1"][-1])
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_of_four_devices(one_process, tmp_path):
+def test_two_processes_of_two_devices_match_one_device(one_process, tmp_path):
+    """The same function on a mesh of 4 devices spread over 2 processes (gloo collectives)."""
     out = tmp_path / "two.npz"
     port = _free_port()
     procs = [
@@ -99,7 +100,7 @@ def test_two_processes_match_one_process_of_four_devices(one_process, tmp_path):
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)
     two = np.load(out)
     r = one_process
-    _assert_close(two, r, 4, 4)
+    _assert_close(two, r, 4, 1)
 
 
 def test_batch_must_divide_by_devices():
