@@ -32,8 +32,15 @@ def _setup(variant="cl_tv_ssim", **overrides):
     return c, nets, state
 
 
-@pytest.mark.slow
-def test_step_compiles_once_and_is_not_retraced():
+def _adam_counts(opt_state) -> list[int]:
+    leaves = jax.tree.leaves(opt_state, is_leaf=lambda x: hasattr(x, "count"))
+    return [int(x.count) for x in leaves if hasattr(x, "count")]
+
+
+@pytest.fixture(scope="module")
+def full_run():
+    """4 steps of the full method (CL + TV + SSIM) through a jitted step that counts its
+    traces; the Adam step counts and the contrastive head before and after the first step."""
     c, nets, state = _setup()
     traces = []
     raw = make_train_step(c, nets, steps_per_epoch=2)
@@ -44,12 +51,27 @@ def test_step_compiles_once_and_is_not_retraced():
 
     step = jax.jit(counted, donate_argnums=(0,))
     batch, key = _one_pair_batch(), jax.random.key(1)
+    head0 = jax.tree.map(np.asarray, state.head_params)
+    first = None
     for _ in range(4):
         state, metrics = step(state, batch, key)
+        if first is None:
+            first = {
+                "d_counts": _adam_counts(state.d_opt_state),
+                "g_counts": _adam_counts(state.g_opt_state),
+                "head": jax.tree.map(np.asarray, state.head_params),
+            }
     jax.block_until_ready(state)
-    assert len(traces) == 1
-    assert step._cache_size() == 1
-    assert int(state.step) == 4
+    return {"traces": traces, "step": step, "state": state, "metrics": metrics, "head0": head0,
+            "first": first}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_step_compiles_once_and_is_not_retraced(full_run):
+    assert len(full_run["traces"]) == 1
+    assert full_run["step"]._cache_size() == 1
+    assert int(full_run["state"].step) == 4
+    metrics = full_run["metrics"]
     for name in ("g_gan", "g_l1", "g_ssim", "g_tv", "d_gan", "d_contrastive", "g_total", "lr"):
         assert name in metrics and np.isfinite(float(metrics[name])), name
 
@@ -96,25 +118,13 @@ def test_terms_switch_on_by_weight(variant, present, absent):
 
 
 @pytest.mark.slow
-def test_contrastive_step_advances_d_adam_twice_and_head_frozen_by_default():
-    c, nets, state = _setup("cl")
-    head0 = state.head_params
-    new, _ = jax.jit(make_train_step(c, nets, 2))(state, _one_pair_batch(), jax.random.key(0))
-    counts = [
-        int(x.count)
-        for x in jax.tree.leaves(new.d_opt_state, is_leaf=lambda x: hasattr(x, "count"))
-        if hasattr(x, "count")
-    ]
-    assert counts == [2]
-    g_counts = [
-        int(x.count)
-        for x in jax.tree.leaves(new.g_opt_state, is_leaf=lambda x: hasattr(x, "count"))
-        if hasattr(x, "count")
-    ]
-    assert g_counts == [1]
+def test_contrastive_step_advances_d_adam_twice_and_head_frozen_by_default(full_run):
+    first = full_run["first"]  # after one step of the full method (the contrastive D step on)
+    assert first["d_counts"] == [2]
+    assert first["g_counts"] == [1]
     assert all(
         np.array_equal(a, b)
-        for a, b in zip(jax.tree.leaves(head0), jax.tree.leaves(new.head_params))
+        for a, b in zip(jax.tree.leaves(full_run["head0"]), jax.tree.leaves(first["head"]))
     )
 
 
