@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tifffile
-from conftest import TINY_FLAGS, run_cli, tiny_config
+from conftest import TINY_FLAGS, tiny_config
 
 from clidim_jax import cli
 from clidim_jax.data import DataError, load_datasets
@@ -378,12 +378,14 @@ TINY = [
 
 
 @pytest.mark.slow
-def test_train_end_to_end_on_a_stack_and_on_paired_folders(tmp_path):
+def test_train_end_to_end_on_a_stack_and_on_paired_folders(tmp_path, capsys):
+    # (the command's `main` in this process: the data plumbing is under test here; the
+    # command's own process, exit statuses and messages are test_cli's and test_cli_errors')
     stack = write(tmp_path / "stack.tif", coded_stack(4, 64, 96).astype(np.float32))
-    run_cli(
+    assert cli.main([
         "train", f"--workdir={tmp_path}/s", *TINY, "--config.data.source=stack",
         f"--config.data.path={stack}", "--config.data.test_region=:,:32",
-    )  # fmt: skip
+    ]) == 0  # fmt: skip
     r = json.loads((tmp_path / "s" / "eval.json").read_text())
     assert r["dataset"] == "stack.tif" and r["n_images"] == 4 and np.isfinite(r["output"]["psnr"])
     nd, cd, arrays = paired_folders(tmp_path / "pairs")
@@ -392,11 +394,11 @@ def test_train_end_to_end_on_a_stack_and_on_paired_folders(tmp_path):
         noisy, clean = arrays["b"]
         write(tn / f"{name}.tif", noisy[:, :h, :w])
         write(tc / f"{name}.tif", clean[:, :h, :w])
-    run_cli(
+    assert cli.main([
         "train", f"--workdir={tmp_path}/p", *TINY, "--config.data.source=paired",
         f"--config.data.noisy_path={nd}", f"--config.data.clean_path={cd}",
         f"--config.data.test_noisy_path={tn}", f"--config.data.test_clean_path={tc}",
-    )  # fmt: skip
+    ]) == 0  # fmt: skip
     r = json.loads((tmp_path / "p" / "eval.json").read_text())
     assert r["dataset"] == "noisy" and r["n_images"] == 6 and np.isfinite(r["output"]["psnr"])
     meta = json.loads((tmp_path / "p" / "config.json").read_text())
