@@ -241,6 +241,6 @@ def test_the_command_denoises_a_folder_of_tiff_and_ome_zarr_with_a_trained_run(t
     assert hs.shape == stack.shape and z.shape == stack[0, 0].shape
     np.testing.assert_allclose(z, hs[0, 0], rtol=1e-5, atol=1e-3)  # same model, same planes
     out = tmp_path / "c1.ome.zarr"
-    run_cli("denoise", str(src), str(out), f"--workdir={workdir}", "--channel=1")
+    assert cli.main(["denoise", str(src), str(out), f"--workdir={workdir}", "--channel=1"]) == 0
     root_out = zarr.open_group(str(out), mode="r")
     np.testing.assert_allclose(root_out["0"][...], hs[:, :, 1], rtol=1e-5, atol=1e-3)

@@ -14,6 +14,10 @@ from clidim_jax.data.datasets import demo_stack_path
 from clidim_jax.data.tiff import read_tiff
 from clidim_jax.napari import jobs
 
+# The module needs no napari, but it is the plugin's: its tests run with the plugin's other
+# tests, in the napari environment of .ci/run (the default test command installs no napari).
+pytest.importorskip("napari", reason="the napari plugin's tests run where napari is installed")
+
 
 @pytest.fixture(scope="module")
 def models(tiny_run, tiny_exports):
