@@ -6,6 +6,11 @@ an oracle per-frame gain (and gain + offset) fitted to the ground truth (how muc
 the frames' brightness drift, which no single-frame denoiser can know); the PSNR of the mean of
 the 50 denoised frames (the systematic part of the error); the mean error on the brightest 1 %
 of the ground truth; and, with several runs, the PSNR of every average of their predictions.
+First, per field, the floor: the PSNR a perfect single-frame denoiser would score, one that
+returns each frame's own noise-free signal g_j S (g_j: the frame's brightness relative to the
+average, fitted by least squares on the noisy frames). Its squared error is the ground truth's
+own noise (a mean of 50 frames: the drift-corrected temporal variance of the frames / 50) plus
+the drift, (g_j - 1)^2 mean(S^2), neither of which any denoiser of one frame can remove.
 
     python benchmarks/quality_errors.py --data OUT/data --pred recipe=DIR1 --pred syn10=DIR2
 (each DIR holds fov03.tif and fov04.tif denoised from OUT/data/test_noisy)
@@ -43,6 +48,19 @@ def describe(name: str, stack: np.ndarray, gt: np.ndarray) -> None:
     )
 
 
+def floor(stack: np.ndarray, gt: np.ndarray) -> None:
+    """The PSNR of a perfect single-frame denoiser against this ground truth (module doc)."""
+    g = np.array([(x * gt).sum() / (gt * gt).sum() for x in stack])
+    gt_noise = (stack - g[:, None, None] * gt).var(axis=0, ddof=1).mean() / len(stack)
+    drift = (g - 1) ** 2 * (gt * gt).mean()
+    r = gt.max() - gt.min()
+    print(
+        f"  {'floor':12s} PSNR {np.mean(10 * np.log10(r * r / (gt_noise + drift))):6.2f}  "
+        f"(squared error: ground-truth noise {gt_noise:.2f}, drift {drift.mean():.2f} counts^2;"
+        f" frame gains {g.min():.3f} .. {g.max():.3f})"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="the quality benchmark's OUT/data")
@@ -56,6 +74,7 @@ def main() -> None:
         gt = tifffile.imread(a.data / "test_clean" / f"{f}.tif").astype(np.float64)
         gt = gt[0] if gt.ndim == 3 else gt
         print(f"{f}:")
+        floor(noisy, gt)
         describe("noisy", noisy, gt)
         describe(
             "gaussian", np.stack([gaussian_filter(n, a.sigma, mode="mirror") for n in noisy]), gt

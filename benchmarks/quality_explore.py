@@ -39,6 +39,7 @@ def write_splits(data: str, out: str) -> str:
         "train": [("fov01", slice(0, 16))],
         "val": [("fov02", slice(0, 4))],
         "testq": [("fov03", slice(0, 50, 10)), ("fov04", slice(0, 50, 10))],
+        "test": [("fov03", slice(0, 50)), ("fov04", slice(0, 50))],
     }
     for split, fields in parts.items():
         for kind in ("noisy", "clean"):
@@ -69,6 +70,10 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--name", required=True)
     ap.add_argument("--preset", default="demo")
+    ap.add_argument(
+        "--full-test", action="store_true",
+        help="also every frame of fields 3 and 4 (the 100 test images of quality.py)",
+    )  # fmt: skip
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     import importlib
@@ -102,11 +107,14 @@ def main() -> None:
     den = Denoiser(best.nets.generator, variables, best.norm, 4, tta=tta)
     res = {"name": args.name, "overrides": args.overrides, "train_s": round(train_s, 1),
            "steps": run.step, "checkpoint": best.step}  # fmt: skip
-    for split in ("val", "testq"):
+    for split in ("val", "testq", "test") if args.full_test else ("val", "testq"):
         data = load(d, split)
         preds = den(np.stack([r for _, r, _ in data]))
         ps = [metrics.psnr(g, p) for (_, _, g), p in zip(data, preds)]
         res[split] = round(float(np.mean(ps)), 3)
+        if split == "test":
+            ss = [metrics.ssim(g, p) for (_, _, g), p in zip(data, preds)]
+            res["test_ssim"] = round(float(np.mean(ss)), 4)
         for f in sorted({f for f, _, _ in data}):
             res[f"{split}_{f[:-4]}"] = round(
                 float(np.mean([p for (ff, _, _), p in zip(data, ps) if ff == f])), 2
