@@ -7,8 +7,10 @@ measured; the table itself comes from `quality.py`, which runs every row as a us
         --out runs/explore --name l2_smooth -- model.residual=smooth loss.l2=100 ...
 
 Overrides are `FIELD=VALUE` on `--preset` (default demo: the recipe of the quality issue's
-report); `tta=1` evaluates with test-time augmentation. Appends one JSON line per run to
-OUT/results.jsonl.
+report); `tta=1` evaluates with test-time augmentation. `--full-test` also scores all 100 test
+images (fields 3 and 4, every frame: quality.py's test set), `--select latest` the last
+checkpoint instead of the best-validated one, and `--eval-only` evaluates OUT/runs/NAME without
+training it again. Appends one JSON line per run to OUT/results.jsonl.
 """
 
 from __future__ import annotations
@@ -74,6 +76,14 @@ def main() -> None:
         "--full-test", action="store_true",
         help="also every frame of fields 3 and 4 (the 100 test images of quality.py)",
     )  # fmt: skip
+    ap.add_argument(
+        "--eval-only", action="store_true",
+        help="no training: evaluate the run OUT/runs/NAME already trained",
+    )  # fmt: skip
+    ap.add_argument(
+        "--select", choices=("best", "latest"), default="best",
+        help="the checkpoint evaluated: best validation PSNR (what clidim-jax uses) or the last",
+    )  # fmt: skip
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     import importlib
@@ -98,15 +108,15 @@ def main() -> None:
             node = node[p]
         node[leaf] = v if isinstance(node[leaf], str) else type(node[leaf])(ast.literal_eval(v))
     wd = os.path.join(args.out, "runs", args.name)
-    shutil.rmtree(wd, ignore_errors=True)
-    t0 = time.perf_counter()
-    run = train_lib.train(c, wd)
-    train_s = time.perf_counter() - t0
-    best = run_lib.restore_run(wd)
-    variables = best.variables
-    den = Denoiser(best.nets.generator, variables, best.norm, 4, tta=tta)
-    res = {"name": args.name, "overrides": args.overrides, "train_s": round(train_s, 1),
-           "steps": run.step, "checkpoint": best.step}  # fmt: skip
+    res = {"name": args.name, "overrides": args.overrides, "select": args.select, "tta": tta}
+    if not args.eval_only:
+        shutil.rmtree(wd, ignore_errors=True)
+        t0 = time.perf_counter()
+        run = train_lib.train(c, wd)
+        res.update(train_s=round(time.perf_counter() - t0, 1), steps=run.step)
+    best = run_lib.restore_run(wd, select=args.select)
+    den = Denoiser(best.nets.generator, best.variables, best.norm, 4, tta=tta)
+    res["checkpoint"] = best.step
     for split in ("val", "testq", "test") if args.full_test else ("val", "testq"):
         data = load(d, split)
         preds = den(np.stack([r for _, r, _ in data]))
