@@ -9,7 +9,7 @@ import pytest
 import tifffile
 import zarr
 from conftest import run_cli, tiny_config
-from test_ome_zarr import NumpyNet, ngff_image
+from test_ome_zarr import NumpyNet, hyperstack, ngff_image
 
 from clidim_jax import cli
 from clidim_jax.data import load_datasets, read_tiff
@@ -29,14 +29,10 @@ def model(gain=1.0, tile=64):
 
 
 def tczyx(tmp_path, name="hs.tif", channels=2):
-    rng = np.random.default_rng(0)
-    stack = rng.integers(100, 3000, size=(2, 3, channels, 30, 40)).astype(np.uint16)
-    path = tmp_path / name
-    tifffile.imwrite(
-        path, stack, imagej=True, resolution=(1 / 0.2, 1 / 0.2),
-        metadata={"axes": "TZCYX", "unit": "um", "spacing": 0.4, "finterval": 3.0},
+    return hyperstack(
+        tmp_path, name, channels=channels, yx=(30, 40), pixel=0.2, spacing=0.4, finterval=3.0,
+        seed=0,
     )  # fmt: skip
-    return path, stack
 
 
 # ------------------------------------------------------------------------------- denoise: channels

@@ -92,14 +92,18 @@ def test_small_images_are_read_and_predicted_whole():
     np.testing.assert_array_equal(rows, d(img))
 
 
-def hyperstack(tmp_path, name="in.tif"):
-    """A TZCYX ImageJ hyperstack with pixel size, Z spacing and frame interval."""
-    rng = np.random.default_rng(2)
-    stack = rng.integers(100, 3000, size=(2, 3, 2, 40, 70)).astype(np.uint16)
+def hyperstack(
+    tmp_path, name="in.tif", *, channels=2, yx=(40, 70), pixel=0.1, spacing=0.5, finterval=2.0,
+    seed=2,
+):  # fmt: skip
+    """A TZCYX ImageJ hyperstack (2 x 3 x channels x Y x X, uint16) with pixel size (um), Z
+    spacing and frame interval: (path, the array written)."""
+    rng = np.random.default_rng(seed)
+    stack = rng.integers(100, 3000, size=(2, 3, channels, *yx)).astype(np.uint16)
     path = tmp_path / name
     tifffile.imwrite(
-        path, stack, imagej=True, resolution=(1 / 0.1, 1 / 0.1),
-        metadata={"axes": "TZCYX", "unit": "um", "spacing": 0.5, "finterval": 2.0},
+        path, stack, imagej=True, resolution=(1 / pixel, 1 / pixel),
+        metadata={"axes": "TZCYX", "unit": "um", "spacing": spacing, "finterval": finterval},
     )  # fmt: skip
     return path, stack
 
