@@ -113,6 +113,10 @@ def base_config() -> ml_collections.ConfigDict:
     # gain log-uniform in synthetic_gain (unseen brightness with the right noise). 0: off.
     c.data.synthetic = 0.0
     c.data.synthetic_gain = (0.7, 1.6)
+    # ... with the noise's lag-1 correlation between neighbours fitted on repeated training
+    # frames of one scene (the differences of consecutive frames), instead of independent pixels
+    # (which it stays, with a message, when no clean image has two noisy ones).
+    c.data.synthetic_corr = False
     c.data.augment = True  # random hflip + rot90 of training crops
     # Validation region for choosing the best checkpoint: this fraction of the columns, taken
     # from the right edge of the training region (never the test split). 0: no validation.

@@ -116,6 +116,7 @@ FIXED_ON_RESUME = (
     "data.crop_tries",
     "data.synthetic",
     "data.synthetic_gain",
+    "data.synthetic_corr",
     "loss.head_features",
 )
 

@@ -201,13 +201,32 @@ def step_compiler_options(mesh: Any = None) -> dict[str, Any]:
     return compiler.compiler_options(mesh.devices.flat[0] if mesh is not None else None)
 
 
+def correlate_noise(r: jax.Array, corr: tuple[float, float]) -> jax.Array:
+    """Noise `r` (N, H, W, C) filtered along H and W by the 3-tap kernels [a, 1, a] /
+    sqrt(1 + 2 a^2) whose lag-1 correlations are `corr` = (rho_y, rho_x) (2 a / (1 + 2 a^2) =
+    rho): each pixel's variance is kept, its neighbours' correlation becomes rho. Edges
+    reflect."""
+    for axis, rho in ((1, corr[0]), (2, corr[1])):
+        if rho == 0.0:
+            continue
+        a = (1.0 - np.sqrt(1.0 - 2.0 * rho**2)) / (2.0 * rho)
+        pad = [(0, 0)] * r.ndim
+        pad[axis] = (1, 1)
+        p = jnp.pad(r, pad, mode="reflect")
+        n = r.shape[axis]
+        side = lambda s: jax.lax.slice_in_dim(p, s, s + n, axis=axis)
+        r = (side(1) + a * (side(0) + side(2))) * float(1.0 / np.sqrt(1.0 + 2.0 * a * a))
+    return r
+
+
 def synthesize_noisy(
     key: jax.Array, clean: jax.Array, noise: Any, gain_range: tuple[float, float], integer: bool
 ) -> tuple[jax.Array, jax.Array]:
     """New noisy images for clean ones brightened or dimmed by a random gain (log-uniform in
     `gain_range`, one per image), drawn from the fitted Poisson-Gaussian model Var = gain_n x +
     offset: x = gain_n (P + d) + N(0, s^2), P ~ Poisson, with s^2 = offset (offset >= 0) or a
-    dark level d = -offset / gain_n^2 (offset < 0). Rounded (and kept >= 0) for integer data.
+    dark level d = -offset / gain_n^2 (offset < 0); with `noise.corr`, spatially correlated
+    (`correlate_noise`). Rounded (and kept >= 0) for integer data.
     Physically right at any brightness, unlike scaling a measured noisy image."""
     k_g, k_p, k_n = jax.random.split(key, 3)
     lo, hi = (float(g) for g in gain_range)
@@ -221,6 +240,9 @@ def synthesize_noisy(
     else:  # signal-independent noise (gain 0): Gaussian of variance `offset`
         s2, noisy = max(b, 0.0), clean
     noisy = noisy + float(np.sqrt(s2)) * jax.random.normal(k_n, clean.shape, jnp.float32)
+    corr = tuple(float(r) for r in getattr(noise, "corr", (0.0, 0.0)))
+    if corr != (0.0, 0.0):
+        noisy = clean + correlate_noise(noisy - clean, corr)
     if integer:
         noisy = jnp.maximum(jnp.round(noisy), 0.0)
     return noisy, clean

@@ -28,7 +28,12 @@ from clidim_jax import metrics as metrics_lib
 from clidim_jax.checkpointing import BEST_METRIC, Checkpoints, StopRequest, nonfinite_leaves
 from clidim_jax.data import DataError, Normalization, PairedImages
 from clidim_jax.data.datasets import load_splits
-from clidim_jax.data.normalization import fit_noise_model, min_max_normalization, percentiles
+from clidim_jax.data.normalization import (
+    fit_noise_correlation,
+    fit_noise_model,
+    min_max_normalization,
+    percentiles,
+)
 from clidim_jax.evaluate import evaluate, format_result
 from clidim_jax.inference import Denoiser
 from clidim_jax.run import (
@@ -349,7 +354,18 @@ def prepare(config: ml_collections.ConfigDict) -> Job:
             noise = fit_noise_model(train_ds.iter_pairs(), allow_constant=True)
         except ValueError as e:
             raise DataError(f"{train_ds.name}: data.synthetic: {e}") from None
-        say(f"noise model for synthetic inputs: Var = {noise.gain:.4g} x + {noise.offset:.4g}")
+        if config.data.get("synthetic_corr", False):
+            try:
+                noise = dataclasses.replace(
+                    noise, corr=fit_noise_correlation(train_ds.noisy_groups())
+                )
+            except ValueError as e:  # one noisy image per clean one: nothing to fit it on
+                say(f"data.synthetic_corr: {e}; the synthetic noise stays independent per pixel")
+        say(
+            f"noise model for synthetic inputs: Var = {noise.gain:.4g} x + {noise.offset:.4g}"
+            + (", neighbour correlation {:.3f} (y), {:.3f} (x)".format(*noise.corr)
+               if noise.corr != (0.0, 0.0) else "")
+        )  # fmt: skip
     mesh = make_mesh()  # every device of every process, one `data` axis
     check_batch_divisible(config.train.batch_size, mesh)
     init_key, train_key = jax.random.split(jax.random.key(config.seed))

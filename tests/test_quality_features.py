@@ -414,3 +414,102 @@ def test_large_stacks_fit_the_noise_model_one_image_at_a_time(monkeypatch):
         assert streamed.gain * x + streamed.offset == pytest.approx(
             whole.gain * x + whole.offset, rel=0.03
         )
+
+
+# ------------------------------------------------------------------ spatially correlated noise
+
+
+def _correlate_numpy(r: np.ndarray, corr: tuple[float, float]) -> np.ndarray:
+    """A direct NumPy statement of the 3-tap filter: a = the root of 2a / (1 + 2a^2) = rho."""
+    for axis, rho in ((1, corr[0]), (2, corr[1])):
+        if rho == 0:
+            continue
+        roots = np.roots([2 * rho, -2.0, rho]).real
+        a = roots[np.argmin(np.abs(roots))]  # (the root with |a| < 1)
+        pad = [(0, 0)] * r.ndim
+        pad[axis] = (1, 1)
+        p = np.pad(r, pad, mode="reflect")
+        n = r.shape[axis]
+        t = [np.take(p, np.arange(s, s + n), axis=axis) for s in range(3)]
+        r = (t[1] + a * (t[0] + t[2])) / np.sqrt(1 + 2 * a * a)
+    return r
+
+
+def _lag1(r: np.ndarray, axis: int) -> float:
+    r = r - r.mean()
+    n = r.shape[axis]
+    a, b = np.take(r, np.arange(1, n), axis=axis), np.take(r, np.arange(n - 1), axis=axis)
+    return float((a * b).mean() / (r * r).mean())
+
+
+def test_correlated_noise_equals_the_numpy_filter_and_has_the_asked_correlation():
+    from clidim_jax.step import correlate_noise
+
+    r = np.random.default_rng(21).normal(0, 3.0, (4, 128, 128, 1)).astype(np.float32)
+    for corr in [(0.0, 0.3), (0.1, -0.2), (0.45, 0.45)]:
+        got = np.asarray(correlate_noise(jnp.asarray(r), corr))
+        np.testing.assert_allclose(got, _correlate_numpy(r.astype(np.float64), corr), atol=1e-5)
+        assert _lag1(got, 1) == pytest.approx(corr[0], abs=0.02)
+        assert _lag1(got, 2) == pytest.approx(corr[1], abs=0.02)
+        assert float(got.var()) == pytest.approx(9.0, rel=0.03)  # each pixel's variance kept
+
+
+def test_the_noise_correlation_is_fitted_from_repeated_frames():
+    from clidim_jax.data.normalization import fit_noise_correlation
+
+    rng = np.random.default_rng(22)
+    yy, xx = np.mgrid[:256, :256]
+    clean = 100 + 80 * np.sin(xx / 5.0) * np.cos(yy / 7.0)  # structure, which must cancel
+    truth = (0.0, 0.25)
+    frames = [
+        clean + 0.97**k * 3 * np.sin(yy / 40.0)  # a slow drift, frame to frame
+        + _correlate_numpy(rng.normal(0, 1, (1, 256, 256)) * np.sqrt(clean), truth)[0]
+        for k in range(6)
+    ]  # fmt: skip
+    rho_y, rho_x = fit_noise_correlation([frames[:3], frames[3:]])
+    assert rho_y == pytest.approx(truth[0], abs=0.01)
+    assert rho_x == pytest.approx(truth[1], abs=0.01)
+    # White noise gives ~0; no group of two frames is an error that says what is needed.
+    white = [clean + rng.normal(0, 5, clean.shape) for _ in range(3)]
+    assert max(abs(v) for v in fit_noise_correlation([white])) < 0.01
+    with pytest.raises(ValueError, match="two noisy images of one clean image"):
+        fit_noise_correlation([[white[0]], [white[1]]])
+
+
+def test_synthetic_correlated_noise_follows_the_model():
+    from clidim_jax.step import synthesize_noisy
+
+    model = NoiseModel(gain=3.0, offset=9.0, corr=(0.05, 0.3))
+    clean = jnp.full((8, 64, 64, 1), 100.0, jnp.float32)
+    noisy, _ = synthesize_noisy(jax.random.key(6), clean, model, (1.0, 1.0), integer=False)
+    r = np.asarray(noisy) - 100.0
+    assert float(r.var()) == pytest.approx(309.0, rel=0.05)
+    assert _lag1(r, 1) == pytest.approx(0.05, abs=0.03)
+    assert _lag1(r, 2) == pytest.approx(0.3, abs=0.03)
+
+
+def test_the_own_data_recipe_fits_the_correlation_on_a_stack_and_says_when_it_cannot(
+    tmp_path, capsys
+):
+    from clidim_jax.configs import own_data
+
+    rng = np.random.default_rng(23)
+    yy, xx = np.mgrid[:96, :128]
+    clean = 50 + 40 * np.sin(xx / 6.0) ** 2
+    noise = _correlate_numpy(rng.normal(0, 6, (16, 96, 128)), (0.0, 0.3))
+    stack = np.round(np.clip(clean + noise, 0, None)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "stack.tif", stack)
+    c = own_data.get_config("tiny")
+    c.data.source, c.data.path = "stack", str(tmp_path / "stack.tif")
+    job = train_lib.prepare(c)
+    assert job.noise.corr[0] == pytest.approx(0.0, abs=0.03)
+    assert job.noise.corr[1] == pytest.approx(0.3, abs=0.03)
+    assert "neighbour correlation" in capsys.readouterr().out
+    # One noisy image per clean one: independent noise, and a line that says so.
+    tifffile.imwrite(tmp_path / "noisy.tif", stack[0])
+    tifffile.imwrite(tmp_path / "clean.tif", clean.astype(np.float32))
+    c.data.source = "paired"
+    c.data.noisy_path, c.data.clean_path = str(tmp_path / "noisy.tif"), str(tmp_path / "clean.tif")
+    job = train_lib.prepare(c)
+    assert job.noise.corr == (0.0, 0.0)
+    assert "stays independent per pixel" in capsys.readouterr().out

@@ -154,6 +154,15 @@ class PairedImages:
                 seen.add(key)
                 yield self.clean[c, y : y + h, x : x + w]
 
+    def noisy_groups(self) -> list[list[np.ndarray]]:
+        """The noisy views grouped by the clean view they share (repeated acquisitions of one
+        scene), in view order."""
+        groups: dict[tuple[int, ...], list[np.ndarray]] = {}
+        for i, (_p, c, y, x, h, w) in enumerate(self.views):
+            key = (int(c), int(y), int(x), int(h), int(w))
+            groups.setdefault(key, []).append(self.noisy_image(i))
+        return list(groups.values())
+
     def iter_pairs(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(noisy, clean) of every view (views, no copies)."""
         return (self.pair(i) for i in range(len(self)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -62,6 +62,10 @@ class NoiseModel:
 
     gain: float
     offset: float
+    # Lag-1 correlation of the noise between vertical and horizontal neighbours (a scanning
+    # detector's analog bandwidth correlates neighbours along its lines); only synthesised
+    # noise uses it (`fit_noise_correlation`, `clidim_jax.step.synthesize_noisy`).
+    corr: tuple[float, float] = (0.0, 0.0)
 
     def gat(self, x):
         """The generalized Anscombe transform (Murtagh, Starck and Bijaoui 1995; Makitalo and
@@ -139,6 +143,36 @@ def fit_noise_model(
     return NoiseModel(float(gain), float(offset))
 
 
+MAX_NOISE_CORRELATION = 0.45
+
+
+def fit_noise_correlation(groups: Iterable[Sequence[np.ndarray]]) -> tuple[float, float]:
+    """The noise's lag-1 correlation between vertical and horizontal neighbours, (rho_y, rho_x),
+    from repeated noisy acquisitions of one scene: each group holds noisy images of one clean
+    image. The difference of two consecutive frames of a group is noise only (the scene, and
+    the ground truth's own noise, cancel; slow drift nearly does), and its normalised lag-1
+    autocovariance is the noise's. Clipped to +-MAX_NOISE_CORRELATION (what a 3-tap filter can
+    synthesise with margin). Raises ValueError when no group has two frames."""
+    n = sxx = syy = sq = 0.0
+    for frames in groups:
+        for a, b in zip(frames[:-1], frames[1:]):
+            d = np.asarray(b, np.float64) - np.asarray(a, np.float64)
+            d -= d.mean()
+            sq += float(np.sum(d * d))
+            syy += float(np.sum(d[1:] * d[:-1])) * d.size / max(d[1:].size, 1)
+            sxx += float(np.sum(d[:, 1:] * d[:, :-1])) * d.size / max(d[:, 1:].size, 1)
+            n += 1
+    if n == 0:
+        raise ValueError(
+            "fitting the noise's spatial correlation needs at least two noisy images of one "
+            "clean image (a stack, or a noisy stack paired with one clean image)"
+        )
+    if sq == 0:
+        return 0.0, 0.0
+    clip = lambda r: float(np.clip(r, -MAX_NOISE_CORRELATION, MAX_NOISE_CORRELATION))
+    return clip(syy / sq), clip(sxx / sq)
+
+
 @dataclasses.dataclass(frozen=True)
 class Normalization:
     """x -> 2 (v(x) - low) / (high - low) - 1 (+ 0 in mode "scale"), where v is the identity
@@ -192,7 +226,7 @@ class Normalization:
     def to_dict(self) -> dict:
         d = {"low": self.low, "high": self.high, "mode": self.mode}
         if self.noise is not None:
-            d["noise"] = dataclasses.asdict(self.noise)
+            d["noise"] = {"gain": self.noise.gain, "offset": self.noise.offset}
         return d
 
     def to_json(self) -> str:
