@@ -1,15 +1,11 @@
 """Your own data on a laptop CPU: the recipe the quality benchmark measured best (QUALITY.md).
 
 What differs from the paper's pix2pix setting, each chosen on validation data in
-`benchmarks/quality.py`'s protocol (real confocal data), but the noise's neighbour correlation,
-which is a measurement of the training frames, not a choice (validation could not tell the two
-apart; QUALITY.md gives both test figures):
+`benchmarks/quality.py`'s protocol (real confocal data):
 - every training input is a fresh noisy image drawn from a Poisson-Gaussian noise model fitted
   on the training pairs, for the clean crop brightened or dimmed by a random gain in [0.7, 1.6]
   (`data.synthetic`): new noise every step, and structures brighter than the training field's
-  with the noise they would really have; the noise is correlated between neighbours as much as
-  the training frames' noise is (`data.synthetic_corr`: fitted on the differences of repeated
-  frames of one scene; a scanning confocal's lines show it);
+  with the noise they would really have;
 - the generator predicts a correction of the Gaussian-low-passed input (`model.residual=smooth`,
   last layer starting at zero, so an untrained model is a Gaussian filter) through an unbounded
   linear output (no tanh: nothing brighter than the training data is clipped);
@@ -42,7 +38,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.normalization = "percentile"
     c.data.synthetic = 1.0  # noisy inputs drawn from the fitted noise model, random brightness
     c.data.synthetic_gain = (0.7, 1.6)
-    c.data.synthetic_corr = True  # the noise's neighbour correlation, fitted on repeated frames
     c.model.depth = 6
     c.model.ngf = 32
     c.model.ndf = 32

@@ -488,9 +488,7 @@ def test_synthetic_correlated_noise_follows_the_model():
     assert _lag1(r, 2) == pytest.approx(0.3, abs=0.03)
 
 
-def test_the_own_data_recipe_fits_the_correlation_on_a_stack_and_says_when_it_cannot(
-    tmp_path, capsys
-):
+def test_training_fits_the_correlation_on_a_stack_and_says_when_it_cannot(tmp_path, capsys):
     from clidim_jax.configs import own_data
 
     rng = np.random.default_rng(23)
@@ -501,6 +499,7 @@ def test_the_own_data_recipe_fits_the_correlation_on_a_stack_and_says_when_it_ca
     tifffile.imwrite(tmp_path / "stack.tif", stack)
     c = own_data.get_config("tiny")
     c.data.source, c.data.path = "stack", str(tmp_path / "stack.tif")
+    c.data.synthetic_corr = True
     job = train_lib.prepare(c)
     assert job.noise.corr[0] == pytest.approx(0.0, abs=0.03)
     assert job.noise.corr[1] == pytest.approx(0.3, abs=0.03)
