@@ -214,8 +214,8 @@ def correlate_noise(r: jax.Array, corr: tuple[float, float]) -> jax.Array:
         pad[axis] = (1, 1)
         p = jnp.pad(r, pad, mode="reflect")
         n = r.shape[axis]
-        side = lambda s: jax.lax.slice_in_dim(p, s, s + n, axis=axis)
-        r = (side(1) + a * (side(0) + side(2))) * float(1.0 / np.sqrt(1.0 + 2.0 * a * a))
+        left, mid, right = (jax.lax.slice_in_dim(p, s, s + n, axis=axis) for s in range(3))
+        r = (mid + a * (left + right)) * float(1.0 / np.sqrt(1.0 + 2.0 * a * a))
     return r
 
 

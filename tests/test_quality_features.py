@@ -492,7 +492,7 @@ def test_training_fits_the_correlation_on_a_stack_and_says_when_it_cannot(tmp_pa
     from clidim_jax.configs import own_data
 
     rng = np.random.default_rng(23)
-    yy, xx = np.mgrid[:96, :128]
+    xx = np.mgrid[:96, :128][1]
     clean = 50 + 40 * np.sin(xx / 6.0) ** 2
     noise = _correlate_numpy(rng.normal(0, 6, (16, 96, 128)), (0.0, 0.3))
     stack = np.round(np.clip(clean + noise, 0, None)).astype(np.uint16)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from collections.abc import Iterable, Sequence
 
@@ -155,7 +156,7 @@ def fit_noise_correlation(groups: Iterable[Sequence[np.ndarray]]) -> tuple[float
     synthesise with margin). Raises ValueError when no group has two frames."""
     n = sxx = syy = sq = 0.0
     for frames in groups:
-        for a, b in zip(frames[:-1], frames[1:]):
+        for a, b in itertools.pairwise(frames):
             d = np.asarray(b, np.float64) - np.asarray(a, np.float64)
             d -= d.mean()
             sq += float(np.sum(d * d))
