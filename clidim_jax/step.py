@@ -240,9 +240,8 @@ def synthesize_noisy(
     else:  # signal-independent noise (gain 0): Gaussian of variance `offset`
         s2, noisy = max(b, 0.0), clean
     noisy = noisy + float(np.sqrt(s2)) * jax.random.normal(k_n, clean.shape, jnp.float32)
-    corr = tuple(float(r) for r in getattr(noise, "corr", (0.0, 0.0)))
-    if corr != (0.0, 0.0):
-        noisy = clean + correlate_noise(noisy - clean, corr)
+    if tuple(noise.corr) != (0.0, 0.0):
+        noisy = clean + correlate_noise(noisy - clean, tuple(float(r) for r in noise.corr))
     if integer:
         noisy = jnp.maximum(jnp.round(noisy), 0.0)
     return noisy, clean

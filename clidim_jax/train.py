@@ -361,11 +361,10 @@ def prepare(config: ml_collections.ConfigDict) -> Job:
                 )
             except ValueError as e:  # one noisy image per clean one: nothing to fit it on
                 say(f"data.synthetic_corr: {e}; the synthetic noise stays independent per pixel")
-        say(
-            f"noise model for synthetic inputs: Var = {noise.gain:.4g} x + {noise.offset:.4g}"
-            + (", neighbour correlation {:.3f} (y), {:.3f} (x)".format(*noise.corr)
-               if noise.corr != (0.0, 0.0) else "")
-        )  # fmt: skip
+        msg = f"noise model for synthetic inputs: Var = {noise.gain:.4g} x + {noise.offset:.4g}"
+        if noise.corr != (0.0, 0.0):
+            msg += ", neighbour correlation {:.3f} (y), {:.3f} (x)".format(*noise.corr)
+        say(msg)
     mesh = make_mesh()  # every device of every process, one `data` axis
     check_batch_divisible(config.train.batch_size, mesh)
     init_key, train_key = jax.random.split(jax.random.key(config.seed))

@@ -146,22 +146,22 @@ class PairedImages:
     def iter_noisy(self) -> Iterator[np.ndarray]:
         return (self.noisy_image(i) for i in range(len(self)))
 
+    def _by_clean_view(self) -> dict[tuple[int, ...], list[int]]:
+        """The view indices grouped by the clean view (plane and region) they share, in view
+        order."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (_p, c, y, x, h, w) in enumerate(self.views):
+            groups.setdefault((int(c), int(y), int(x), int(h), int(w)), []).append(i)
+        return groups
+
     def iter_clean(self) -> Iterator[np.ndarray]:
-        seen: set[tuple[int, ...]] = set()
-        for _p, c, y, x, h, w in self.views:
-            key = (int(c), int(y), int(x), int(h), int(w))
-            if key not in seen:
-                seen.add(key)
-                yield self.clean[c, y : y + h, x : x + w]
+        for c, y, x, h, w in self._by_clean_view():
+            yield self.clean[c, y : y + h, x : x + w]
 
     def noisy_groups(self) -> list[list[np.ndarray]]:
         """The noisy views grouped by the clean view they share (repeated acquisitions of one
         scene), in view order."""
-        groups: dict[tuple[int, ...], list[np.ndarray]] = {}
-        for i, (_p, c, y, x, h, w) in enumerate(self.views):
-            key = (int(c), int(y), int(x), int(h), int(w))
-            groups.setdefault(key, []).append(self.noisy_image(i))
-        return list(groups.values())
+        return [[self.noisy_image(i) for i in g] for g in self._by_clean_view().values()]
 
     def iter_pairs(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(noisy, clean) of every view (views, no copies)."""
