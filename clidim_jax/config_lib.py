@@ -117,6 +117,10 @@ def base_config() -> ml_collections.ConfigDict:
     # frames of one scene (the differences of consecutive frames), instead of independent pixels
     # (which it stays, with a message, when no clean image has two noisy ones).
     c.data.synthetic_corr = False
+    # What the synthetic noise is drawn from: "poisson" (the fitted Poisson-Gaussian model) or
+    # "empirical" (the training pairs' measured residuals at each intensity, by inverse-CDF
+    # sampling; the model only extends it above the brightest measured intensity).
+    c.data.synthetic_noise = "poisson"
     c.data.augment = True  # random hflip + rot90 of training crops
     # Validation region for choosing the best checkpoint: this fraction of the columns, taken
     # from the right edge of the training region (never the test split). 0: no validation.
@@ -282,6 +286,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.model.residual_sigma={c.model.residual_sigma} must be > 0")
     if not 0.0 <= c.data.synthetic <= 1.0:
         raise ConfigError(f"config.data.synthetic={c.data.synthetic} must be in [0, 1]")
+    if c.data.get("synthetic_noise", "poisson") not in ("poisson", "empirical"):
+        raise ConfigError(
+            f"config.data.synthetic_noise={c.data.synthetic_noise!r} must be 'poisson' or "
+            "'empirical'"
+        )
     sg = tuple(c.data.synthetic_gain)
     if len(sg) != 2 or not 0 < sg[0] <= sg[1]:
         raise ConfigError(f"config.data.synthetic_gain={sg} must be (low, high), 0 < low <= high")

@@ -117,6 +117,7 @@ FIXED_ON_RESUME = (
     "data.synthetic",
     "data.synthetic_gain",
     "data.synthetic_corr",
+    "data.synthetic_noise",
     "loss.head_features",
 )
 

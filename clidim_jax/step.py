@@ -219,6 +219,37 @@ def correlate_noise(r: jax.Array, corr: tuple[float, float]) -> jax.Array:
     return r
 
 
+def empirical_residual(key: jax.Array, clean: jax.Array, noise: Any) -> jax.Array:
+    """Noise for the clean intensities `clean`, drawn by inverse-CDF sampling from the
+    measured distribution `noise.empirical` (an `EmpiricalNoise`): at an intensity between
+    two measured levels, the two levels' quantile functions and deviations interpolated
+    linearly; below the dimmest level, the dimmest's; above the brightest, the brightest's
+    shape with the deviation growing as the Poisson-Gaussian model's sqrt(gain x + offset)."""
+    emp = noise.empirical
+    levels = jnp.asarray(emp.levels, jnp.float32)
+    table = jnp.asarray(emp.quantiles, jnp.float32)
+    n_lv, n_q = table.shape
+    t = jnp.interp(clean, levels, jnp.arange(n_lv, dtype=jnp.float32))
+    j0 = jnp.clip(jnp.floor(t).astype(jnp.int32), 0, n_lv - 1)
+    j1 = jnp.minimum(j0 + 1, n_lv - 1)
+    w = t - j0.astype(jnp.float32)
+    v = jax.random.uniform(key, clean.shape, jnp.float32) * n_q - 0.5
+    k0 = jnp.clip(jnp.floor(v).astype(jnp.int32), 0, n_q - 1)
+    k1 = jnp.minimum(k0 + 1, n_q - 1)
+    kw = jnp.clip(v - k0.astype(jnp.float32), 0.0, 1.0)
+    flat = table.reshape(-1)
+    q = lambda j: flat[j * n_q + k0] * (1.0 - kw) + flat[j * n_q + k1] * kw
+    z = q(j0) * (1.0 - w) + q(j1) * w
+    top, std_top = float(emp.levels[-1]), float(emp.std[-1])
+    var = lambda x: jnp.maximum(float(noise.gain) * x + float(noise.offset), 1e-6)
+    std = jnp.where(
+        clean > top,
+        std_top * jnp.sqrt(var(clean) / var(jnp.float32(top))),
+        jnp.interp(clean, levels, jnp.asarray(emp.std, jnp.float32)),
+    )
+    return std * z
+
+
 def synthesize_noisy(
     key: jax.Array, clean: jax.Array, noise: Any, gain_range: tuple[float, float], integer: bool
 ) -> tuple[jax.Array, jax.Array]:
@@ -233,13 +264,16 @@ def synthesize_noisy(
     u = jax.random.uniform(k_g, (clean.shape[0], 1, 1, 1), jnp.float32)
     clean = clean * jnp.exp(jnp.log(lo) + u * (jnp.log(hi) - jnp.log(lo)))
     a, b = float(noise.gain), float(noise.offset)
-    if a > 0:
+    if noise.empirical is not None:
+        noisy = clean + empirical_residual(k_p, clean, noise)
+    elif a > 0:
         s2, d = (b, 0.0) if b >= 0 else (0.0, -b / a**2)
         rate = jnp.maximum(clean / a - d, 0.0)
         noisy = a * (jax.random.poisson(k_p, rate).astype(jnp.float32) + d)
     else:  # signal-independent noise (gain 0): Gaussian of variance `offset`
         s2, noisy = max(b, 0.0), clean
-    noisy = noisy + float(np.sqrt(s2)) * jax.random.normal(k_n, clean.shape, jnp.float32)
+    if noise.empirical is None:
+        noisy = noisy + float(np.sqrt(s2)) * jax.random.normal(k_n, clean.shape, jnp.float32)
     if tuple(noise.corr) != (0.0, 0.0):
         noisy = clean + correlate_noise(noisy - clean, tuple(float(r) for r in noise.corr))
     if integer:

@@ -29,6 +29,7 @@ from clidim_jax.checkpointing import BEST_METRIC, Checkpoints, StopRequest, nonf
 from clidim_jax.data import DataError, Normalization, PairedImages
 from clidim_jax.data.datasets import load_splits
 from clidim_jax.data.normalization import (
+    fit_empirical_noise,
     fit_noise_correlation,
     fit_noise_model,
     min_max_normalization,
@@ -354,6 +355,13 @@ def prepare(config: ml_collections.ConfigDict) -> Job:
             noise = fit_noise_model(train_ds.iter_pairs(), allow_constant=True)
         except ValueError as e:
             raise DataError(f"{train_ds.name}: data.synthetic: {e}") from None
+        if config.data.get("synthetic_noise", "poisson") == "empirical":
+            try:
+                noise = dataclasses.replace(
+                    noise, empirical=fit_empirical_noise(train_ds.iter_pairs())
+                )
+            except ValueError as e:  # too few pixels to measure a distribution
+                say(f"data.synthetic_noise=empirical: {e}; the Poisson-Gaussian model is used")
         if config.data.get("synthetic_corr", False):
             try:
                 noise = dataclasses.replace(
@@ -362,6 +370,11 @@ def prepare(config: ml_collections.ConfigDict) -> Job:
             except ValueError as e:  # one noisy image per clean one: nothing to fit it on
                 say(f"data.synthetic_corr: {e}; the synthetic noise stays independent per pixel")
         msg = f"noise model for synthetic inputs: Var = {noise.gain:.4g} x + {noise.offset:.4g}"
+        if noise.empirical is not None:
+            msg += (
+                f", its shape measured at {len(noise.empirical.levels)} intensities up to "
+                f"{noise.empirical.levels[-1]:.4g}"
+            )
         if noise.corr != (0.0, 0.0):
             msg += ", neighbour correlation {:.3f} (y), {:.3f} (x)".format(*noise.corr)
         say(msg)

@@ -300,6 +300,7 @@ def test_validation_pairs_from_files(tmp_path, tiny):
         ("data.vst", "anscombe", "data.vst"),
         ("data.gain_augment", (2.0, 1.0), "gain_augment"),
         ("model.residual_sigma", 0.0, "residual_sigma"),
+        ("data.synthetic_noise", "gaussian", "synthetic_noise"),
     ],
 )
 def test_new_config_values_are_validated(tiny, field, value, message):
@@ -512,3 +513,73 @@ def test_training_fits_the_correlation_on_a_stack_and_says_when_it_cannot(tmp_pa
     job = train_lib.prepare(c)
     assert job.noise.corr == (0.0, 0.0)
     assert "stays independent per pixel" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------- measured noise distribution
+
+
+def _skewed_noise(rng, clean):
+    """A noise no Poisson-Gaussian model describes: a gamma-distributed (skewed) excess of
+    standard deviation 1 + 0.3 sqrt(c), centred."""
+    std = 1.0 + 0.3 * np.sqrt(clean)
+    k = 2.0  # gamma shape: skewness 2 / sqrt(k)
+    return clean + std * (rng.gamma(k, 1.0, clean.shape) - k) / np.sqrt(k)
+
+
+def test_empirical_noise_reproduces_a_measured_skewed_distribution():
+    from scipy import stats
+
+    from clidim_jax.data.normalization import fit_empirical_noise
+    from clidim_jax.step import synthesize_noisy
+
+    rng = np.random.default_rng(31)
+    clean = np.repeat(np.linspace(10, 200, 256)[None, :], 256, 0)  # every intensity 10..200
+    pairs = [(_skewed_noise(rng, clean), clean) for _ in range(4)]
+    emp = fit_empirical_noise(pairs)
+    assert emp.quantiles.shape == (len(emp.levels), 512) and np.all(np.diff(emp.levels) > 0)
+    model = fit_noise_model(pairs)
+    noise = NoiseModel(model.gain, model.offset, empirical=emp)
+    for level in (37.0, 120.0):  # between measured levels: interpolated
+        c = jnp.full((8, 64, 64, 1), level, jnp.float32)
+        noisy, _ = synthesize_noisy(jax.random.key(7), c, noise, (1.0, 1.0), integer=False)
+        r = np.asarray(noisy).ravel() - level
+        truth = _skewed_noise(rng, np.full(r.size, level)) - level
+        assert stats.ks_2samp(r, truth).statistic < 0.03  # the same distribution ...
+        assert float(r.mean()) == pytest.approx(0.0, abs=0.05)
+        assert float(r.std()) == pytest.approx(float(truth.std()), rel=0.03)
+        assert stats.skew(r) == pytest.approx(stats.skew(truth), abs=0.15)  # ... skew included
+        if level == 37.0:  # the fitted Poisson-Gaussian model alone does not match it
+            alone, _ = synthesize_noisy(jax.random.key(7), c, model, (1.0, 1.0), integer=False)
+            r_model = np.asarray(alone).ravel() - level
+            assert stats.ks_2samp(r_model, truth).statistic > 0.05
+    # Above the brightest measured level, the deviation grows as the model's sqrt(a x + b).
+    top = float(emp.levels[-1])
+    c = jnp.full((8, 64, 64, 1), 2.0 * top, jnp.float32)
+    noisy, _ = synthesize_noisy(jax.random.key(8), c, noise, (1.0, 1.0), integer=False)
+    var = lambda x: model.gain * x + model.offset
+    expected = emp.std[-1] * np.sqrt(var(2.0 * top) / var(top))
+    assert float(np.asarray(noisy).std()) == pytest.approx(expected, rel=0.03)
+
+
+def test_empirical_noise_refuses_too_few_pixels_and_training_falls_back(tmp_path, capsys):
+    from clidim_jax.configs import own_data
+
+    from clidim_jax.data.normalization import fit_empirical_noise
+
+    rng = np.random.default_rng(32)
+    clean = np.repeat(np.linspace(20, 120, 128)[None, :], 96, 0)
+    with pytest.raises(ValueError, match="too few to measure"):
+        fit_empirical_noise([(_skewed_noise(rng, clean[:50, :50]), clean[:50, :50])])
+    stack = np.round(np.stack([_skewed_noise(rng, clean) for _ in range(16)])).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "stack.tif", stack)
+    c = own_data.get_config("tiny")
+    c.data.source, c.data.path = "stack", str(tmp_path / "stack.tif")
+    c.data.synthetic_noise = "empirical"
+    job = train_lib.prepare(c)
+    assert job.noise.empirical is not None
+    assert "its shape measured at" in capsys.readouterr().out
+    tifffile.imwrite(tmp_path / "small.tif", stack[:4, :40, :80])  # 4 x 40 x 36 pixels to train
+    c.data.path = str(tmp_path / "small.tif")
+    job = train_lib.prepare(c)
+    assert job.noise.empirical is None
+    assert "the Poisson-Gaussian model is used" in capsys.readouterr().out

@@ -67,6 +67,10 @@ class NoiseModel:
     # detector's analog bandwidth correlates neighbours along its lines); only synthesised
     # noise uses it (`fit_noise_correlation`, `clidim_jax.step.synthesize_noisy`).
     corr: tuple[float, float] = (0.0, 0.0)
+    # The measured distribution of the noise at each intensity (`fit_empirical_noise`): when
+    # set, synthesised noise is drawn from it instead of from the Poisson-Gaussian model, which
+    # then only extends it above the brightest intensity measured.
+    empirical: EmpiricalNoise | None = None  # (compared, and hashed, by identity)
 
     def gat(self, x):
         """The generalized Anscombe transform (Murtagh, Starck and Bijaoui 1995; Makitalo and
@@ -84,6 +88,100 @@ class NoiseModel:
         a = self.gain
         y = xp.maximum(y, 0.0)
         return ((a * y / 2.0) ** 2 - 0.375 * a * a - self.offset) / a
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EmpiricalNoise:
+    """The distribution of noisy - clean measured on training pairs, by clean intensity: for
+    J intensity bins, the mean clean intensity `levels` (increasing), the residuals' standard
+    deviation `std`, and K quantiles of the residual divided by that deviation at
+    probabilities (k + 1/2) / K (`quantiles`, J x K), centred (a mean offset of the
+    training frames from their clean image is drift, not noise). Drawing from it reproduces the real
+    noise's shape (its floor, skew and discreteness), which a Poisson-Gaussian model with a
+    detector gain of several counts per photon gets wrong (a lattice of multiples of the gain
+    where the real data takes every value)."""
+
+    levels: np.ndarray
+    std: np.ndarray
+    quantiles: np.ndarray
+
+    def __repr__(self) -> str:  # a short, exact fingerprint (part of the compiled step's key)
+        import hashlib
+
+        h = hashlib.sha256()
+        for a in (self.levels, self.std, self.quantiles):
+            h.update(np.ascontiguousarray(a, np.float64).tobytes())
+        return f"EmpiricalNoise(bins={len(self.levels)}, sha256={h.hexdigest()[:16]})"
+
+
+# At most this many (clean, residual) samples are used for the empirical noise fit (a fixed,
+# evenly strided subset of larger training sets): 4M pixels, 64 MB of float64.
+_EMPIRICAL_SAMPLES = 1 << 22
+
+
+def fit_empirical_noise(
+    pairs: Iterable[tuple[np.ndarray, np.ndarray]],
+    bins: int = 48,
+    quantiles: int = 512,
+    min_samples: int = 20000,
+) -> EmpiricalNoise:
+    """The measured noise distribution by clean intensity (`EmpiricalNoise`), from paired
+    images: bin edges at equally populated quantiles of the clean intensity merged with edges
+    equally spaced in its square root (so bright, rare intensities get bins of their own),
+    then bins with fewer than `min_samples` residuals merged upward. Raises ValueError when
+    there are not enough pixels for one bin or the clean images are constant."""
+    pairs = list(pairs)
+    if not pairs:
+        raise ValueError("no image pairs to measure the noise on")
+    total = sum(np.size(c) for _, c in pairs)
+    stride = max(1, -(-total // _EMPIRICAL_SAMPLES))
+    cs, rs = [], []
+    for noisy, clean in pairs:
+        c = np.asarray(clean, np.float64).ravel()[::stride]
+        cs.append(c)
+        rs.append(np.asarray(noisy, np.float64).ravel()[::stride] - c)
+    c, r = np.concatenate(cs), np.concatenate(rs)
+    if c.size < min_samples:
+        raise ValueError(
+            f"{c.size} pixels are too few to measure the noise's distribution "
+            f"(at least {min_samples})"
+        )
+    lo, hi = float(c.min()), float(c.max())
+    if not hi > lo:
+        raise ValueError("the clean images have a single intensity: the noise cannot be measured")
+    root = np.linspace(np.sqrt(max(lo, 0.0)), np.sqrt(max(hi, 0.0)), bins // 2 + 1) ** 2
+    edges = np.unique(np.concatenate([np.quantile(c, np.linspace(0, 1, bins // 2 + 1)), root]))
+    idx = np.clip(np.searchsorted(edges, c, side="right") - 1, 0, len(edges) - 2)
+    counts = np.bincount(idx, minlength=len(edges) - 1)
+    groups, cur, n = [], [], 0  # consecutive bins merged until each holds min_samples
+    for b, k in enumerate(counts):
+        cur.append(b)
+        n += k
+        if n >= min_samples:
+            groups.append(cur)
+            cur, n = [], 0
+    if cur:  # the brightest remainder joins the last full group
+        if groups:
+            groups[-1] += cur
+        else:
+            groups.append(cur)
+    label = np.empty(len(counts), np.int64)
+    for g, members in enumerate(groups):
+        label[members] = g
+    lab = label[idx]
+    order = np.argsort(lab, kind="stable")
+    splits = np.cumsum(np.bincount(lab, minlength=len(groups)))[:-1]
+    probs = (np.arange(quantiles) + 0.5) / quantiles
+    levels, std, table = [], [], []
+    for members in np.split(order, splits):
+        rr = r[members]
+        rr = rr - rr.mean()  # zero-mean: an offset of these frames from their average is drift
+        s = float(rr.std())
+        s = s if s > 0 else 1.0  # noise-free intensities: every quantile is 0 anyway
+        levels.append(float(c[members].mean()))
+        std.append(s)
+        table.append(np.quantile(rr, probs) / s)
+    return EmpiricalNoise(np.asarray(levels), np.asarray(std), np.asarray(table))
 
 
 # Up to this many pixels a noise model is fitted from all of them at once (2**24: 256 MB of
