@@ -2,10 +2,11 @@
 
 What differs from the paper's pix2pix setting, each chosen on validation data in
 `benchmarks/quality.py`'s protocol (real confocal data):
-- every training input is a fresh noisy image drawn from a Poisson-Gaussian noise model fitted
-  on the training pairs, for the clean crop brightened or dimmed by a random gain in [0.7, 1.6]
-  (`data.synthetic`): new noise every step, and structures brighter than the training field's
-  with the noise they would really have;
+- every training input is a fresh noisy image for the clean crop brightened or dimmed by a
+  random gain in [0.7, 1.6] (`data.synthetic`), its noise drawn from the distribution measured
+  on the training pairs at each intensity (`data.synthetic_noise=empirical`; above the
+  brightest measured intensity, a Poisson-Gaussian model fitted on them): new noise every step,
+  and structures brighter than the training field's with the noise they would really have;
 - the generator predicts a correction of the Gaussian-low-passed input (`model.residual=smooth`,
   last layer starting at zero, so an untrained model is a Gaussian filter) through an unbounded
   linear output (no tanh: nothing brighter than the training data is clipped);
@@ -38,6 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.normalization = "percentile"
     c.data.synthetic = 1.0  # noisy inputs drawn from the fitted noise model, random brightness
     c.data.synthetic_gain = (0.7, 1.6)
+    c.data.synthetic_noise = "empirical"  # the training pairs' measured noise, not a lattice
     c.model.depth = 6
     c.model.ngf = 32
     c.model.ndf = 32
