@@ -237,8 +237,7 @@ def empirical_residual(key: jax.Array, clean: jax.Array, noise: Any) -> jax.Arra
     k0 = jnp.clip(jnp.floor(v).astype(jnp.int32), 0, n_q - 1)
     k1 = jnp.minimum(k0 + 1, n_q - 1)
     kw = jnp.clip(v - k0.astype(jnp.float32), 0.0, 1.0)
-    flat = table.reshape(-1)
-    q = lambda j: flat[j * n_q + k0] * (1.0 - kw) + flat[j * n_q + k1] * kw
+    q = lambda j: table[j, k0] * (1.0 - kw) + table[j, k1] * kw
     z = q(j0) * (1.0 - w) + q(j1) * w
     top, std_top = float(emp.levels[-1]), float(emp.std[-1])
     var = lambda x: jnp.maximum(float(noise.gain) * x + float(noise.offset), 1e-6)
@@ -256,7 +255,8 @@ def synthesize_noisy(
     """New noisy images for clean ones brightened or dimmed by a random gain (log-uniform in
     `gain_range`, one per image), drawn from the fitted Poisson-Gaussian model Var = gain_n x +
     offset: x = gain_n (P + d) + N(0, s^2), P ~ Poisson, with s^2 = offset (offset >= 0) or a
-    dark level d = -offset / gain_n^2 (offset < 0); with `noise.corr`, spatially correlated
+    dark level d = -offset / gain_n^2 (offset < 0), or with `noise.empirical` from the measured
+    distribution (`empirical_residual`); with `noise.corr`, spatially correlated
     (`correlate_noise`). Rounded (and kept >= 0) for integer data.
     Physically right at any brightness, unlike scaling a measured noisy image."""
     k_g, k_p, k_n = jax.random.split(key, 3)
@@ -266,13 +266,13 @@ def synthesize_noisy(
     a, b = float(noise.gain), float(noise.offset)
     if noise.empirical is not None:
         noisy = clean + empirical_residual(k_p, clean, noise)
-    elif a > 0:
-        s2, d = (b, 0.0) if b >= 0 else (0.0, -b / a**2)
-        rate = jnp.maximum(clean / a - d, 0.0)
-        noisy = a * (jax.random.poisson(k_p, rate).astype(jnp.float32) + d)
-    else:  # signal-independent noise (gain 0): Gaussian of variance `offset`
-        s2, noisy = max(b, 0.0), clean
-    if noise.empirical is None:
+    else:
+        if a > 0:
+            s2, d = (b, 0.0) if b >= 0 else (0.0, -b / a**2)
+            rate = jnp.maximum(clean / a - d, 0.0)
+            noisy = a * (jax.random.poisson(k_p, rate).astype(jnp.float32) + d)
+        else:  # signal-independent noise (gain 0): Gaussian of variance `offset`
+            s2, noisy = max(b, 0.0), clean
         noisy = noisy + float(np.sqrt(s2)) * jax.random.normal(k_n, clean.shape, jnp.float32)
     if tuple(noise.corr) != (0.0, 0.0):
         noisy = clean + correlate_noise(noisy - clean, tuple(float(r) for r in noise.corr))

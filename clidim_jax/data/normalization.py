@@ -136,10 +136,10 @@ def fit_empirical_noise(
     total = sum(np.size(c) for _, c in pairs)
     stride = max(1, -(-total // _EMPIRICAL_SAMPLES))
     cs, rs = [], []
-    for noisy, clean in pairs:
-        c = np.asarray(clean, np.float64).ravel()[::stride]
+    for noisy, clean in pairs:  # (the subset first, then float64: no full-size copies)
+        c = np.ravel(clean)[::stride].astype(np.float64)
         cs.append(c)
-        rs.append(np.asarray(noisy, np.float64).ravel()[::stride] - c)
+        rs.append(np.ravel(noisy)[::stride].astype(np.float64) - c)
     c, r = np.concatenate(cs), np.concatenate(rs)
     if c.size < min_samples:
         raise ValueError(
