@@ -36,7 +36,15 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from clidim_jax.config_lib import ConfigError
 
-BEST_METRIC = "val_psnr"  # higher is better
+BEST_METRIC = "val_psnr"  # a save's validation PSNR; higher is better
+# What chooses the best checkpoint when a save has it: the mean of its validation PSNR and those
+# of the validations just before it (`checkpoint.select_window`); else BEST_METRIC.
+SCORE_METRIC = "val_score"
+
+
+def selection_score(m: Any) -> float:
+    """The score a save's metrics give it for choosing the best checkpoint."""
+    return float(m[SCORE_METRIC] if SCORE_METRIC in m else m[BEST_METRIC])
 
 
 class CheckpointError(RuntimeError):
@@ -157,7 +165,7 @@ class Checkpoints:
         preservation = policies.LatestN(n=keep)
         best_fn = None
         if keep_best:
-            best_fn = lambda m: m[BEST_METRIC]
+            best_fn = selection_score
             best = policies.BestN(
                 get_metric_fn=best_fn,
                 reverse=False,  # ascending: the last n (the highest PSNR) are kept
@@ -190,15 +198,16 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def validation_scores(self) -> dict[int, float]:
-        """step -> validation PSNR of the checkpoints saved with one (unreadable ones left out)."""
+        """step -> selection score (`selection_score`: the validation PSNR, or its mean with the
+        validations before) of the checkpoints saved with one (unreadable ones left out)."""
         out = {}
         for step in self.all_steps():
             try:
                 m = self.manager.metrics(step)
             except Exception:
                 continue
-            if isinstance(m, dict) and BEST_METRIC in m:
-                out[step] = float(m[BEST_METRIC])
+            if isinstance(m, dict) and (BEST_METRIC in m or SCORE_METRIC in m):
+                out[step] = selection_score(m)
         return out
 
     def read_meta(self, step: int) -> dict:

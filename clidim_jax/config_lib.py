@@ -134,12 +134,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.lr = 2e-4
     c.train.b1 = 0.5
     c.train.b2 = 0.999
+    # Bound each network's gradient to this global norm before Adam (optax.clip_by_global_norm,
+    # stateless: may change on resume); 0: off (the reference). The generator's norm, before
+    # clipping, is logged as g_grad_norm.
+    c.train.clip_grad_norm = 0.0
     c.train.log_every = 50
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 500  # and always at the end and on SIGTERM/SIGINT; 0: only those
     c.checkpoint.keep = 2  # the latest K checkpoints ...
     c.checkpoint.keep_best = True  # ... plus the best by validation PSNR (if data.val_fraction > 0)
+    # The best is chosen by the mean validation PSNR of a checkpoint and the select_window - 1
+    # validated before it (1: its own alone), so one lucky validation does not choose.
+    c.checkpoint.select_window = 1
     c.checkpoint.async_save = True  # write in the background while training continues
 
     c.loss = ml_collections.ConfigDict()
@@ -271,8 +278,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ConfigError("config.train.n_epochs and n_epochs_decay must be >= 0")
     if c.train.n_epochs + c.train.n_epochs_decay < 1:
         raise ConfigError("config.train.n_epochs + n_epochs_decay must be at least 1")
+    if c.train.clip_grad_norm < 0:
+        raise ConfigError(
+            f"config.train.clip_grad_norm={c.train.clip_grad_norm} must be >= 0 (0: no clipping)"
+        )
     if c.checkpoint.every_steps < 0:
         raise ConfigError(f"config.checkpoint.every_steps={c.checkpoint.every_steps} must be >= 0")
+    if c.checkpoint.select_window < 1:
+        raise ConfigError(
+            f"config.checkpoint.select_window={c.checkpoint.select_window} must be at least 1"
+        )
     if c.checkpoint.keep < 1:
         raise ConfigError(f"config.checkpoint.keep={c.checkpoint.keep} must be at least 1")
     if c.data.n_samples < 0:

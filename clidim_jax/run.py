@@ -280,8 +280,10 @@ def restore_run(workdir: str, *, select: str = "best") -> RestoredRun:
                 say(f"checkpoint {step} is damaged ({type(e).__name__}: {e}); trying another one")
                 continue
             if step in scores:
+                window = int(config.checkpoint.get("select_window", 1))
+                over = f" averaged over it and the {window - 1} before" if window > 1 else ""
                 how = (
-                    f"best validation PSNR ({scores[step]:.3f} dB) of "
+                    f"best validation PSNR{over} ({scores[step]:.3f} dB) of "
                     f"{len(scores)} validated checkpoints"
                 )
             else:

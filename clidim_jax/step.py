@@ -23,7 +23,9 @@ Batch = dict[str, jax.Array]  # "noisy", "clean": (B, H, W, 1) float32 in [-1, 1
 Metrics = dict[str, jax.Array]
 
 
-def _adam_step(tx, grads, opt_state, params, lr):
+def _adam_step(tx, grads, opt_state, params, lr, clip: float = 0.0):
+    if clip > 0:  # stateless: the optimizer state's structure is the same with or without it
+        grads, _ = optax.clip_by_global_norm(clip).update(grads, optax.EmptyState())
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, jax.tree.map(lambda u: -lr * u, updates))
     return params, opt_state
@@ -41,6 +43,11 @@ def make_train_step(
         w.contrastive_loss
     ]
     use_cl = w.contrastive > 0
+    # A model knocked off course has gradients thousands of times the usual norm; unbounded,
+    # they inflate Adam's second moment for thousands of steps, which then damps every update
+    # that could bring it back (QUALITY.md). With train.clip_grad_norm > 0 every gradient is
+    # first bounded to that global norm.
+    clip = float(config.train.get("clip_grad_norm", 0.0))
     train_head = use_cl and w.head_trainable
 
     def d_apply(d_params, d_bs, x):
@@ -131,16 +138,18 @@ def make_train_step(
             (cl, d_bs), (gd, gh) = grad_fn(
                 d_params, head_params, d_bs, real_pairs, fake_pairs, k_cl
             )
-            d_params, d_opt = _adam_step(nets.d_tx, gd, d_opt, d_params, lr)
+            d_params, d_opt = _adam_step(nets.d_tx, gd, d_opt, d_params, lr, clip)
             if train_head:
-                head_params, head_opt = _adam_step(nets.head_tx, gh, head_opt, head_params, lr)
+                head_params, head_opt = _adam_step(
+                    nets.head_tx, gh, head_opt, head_params, lr, clip
+                )
             metrics["d_contrastive"] = cl / w.contrastive
 
         # 3. GAN D step, with the D parameters from step 2.
         if w.gan > 0:
             grad_fn = jax.value_and_grad(gan_d_loss, has_aux=True)
             (dl, (d_bs, p_real, p_fake)), gd = grad_fn(d_params, d_bs, noisy, clean, fake_sg)
-            d_params, d_opt = _adam_step(nets.d_tx, gd, d_opt, d_params, lr)
+            d_params, d_opt = _adam_step(nets.d_tx, gd, d_opt, d_params, lr, clip)
             metrics.update(d_gan=dl / w.gan, d_real_prob=p_real, d_fake_prob=p_fake)
 
         # 4. G step against the updated D (D in train mode: its BN statistics move, not its params).
@@ -148,7 +157,10 @@ def make_train_step(
             fake, d_params, d_bs, noisy, clean
         )
         (g_grads,) = g_vjp(dfake)
-        g_params, g_opt = _adam_step(nets.g_tx, g_grads, state.g_opt_state, state.g_params, lr)
+        metrics["g_grad_norm"] = optax.tree.norm(g_grads)  # before any clipping
+        g_params, g_opt = _adam_step(
+            nets.g_tx, g_grads, state.g_opt_state, state.g_params, lr, clip
+        )
         metrics.update(terms)
         metrics["g_total"] = g_total
 

@@ -25,7 +25,13 @@ from jax.sharding import Mesh
 
 from clidim_jax import config_lib
 from clidim_jax import metrics as metrics_lib
-from clidim_jax.checkpointing import BEST_METRIC, Checkpoints, StopRequest, nonfinite_leaves
+from clidim_jax.checkpointing import (
+    BEST_METRIC,
+    SCORE_METRIC,
+    Checkpoints,
+    StopRequest,
+    nonfinite_leaves,
+)
 from clidim_jax.data import DataError, Normalization, PairedImages
 from clidim_jax.data.datasets import load_splits
 from clidim_jax.data.normalization import (
@@ -511,6 +517,13 @@ class Saver:
     ):
         self.job, self.ckpts, self.writer, self.meta = job, ckpts, writer, meta
         self.last_saved = start
+        # checkpoint.select_window > 1: a checkpoint's score is the mean of its validation PSNR
+        # and the window - 1 before it. The last window's PSNRs go into each checkpoint's meta,
+        # so a resumed run scores as an uninterrupted one.
+        self.window = int(job.config.checkpoint.get("select_window", 1))
+        self.recent: list[float] = []
+        if start and self.window > 1:
+            self.recent = [float(x) for x in ckpts.read_meta(start).get("val_recent", [])]
         self.denoiser = (
             Denoiser(job.nets.generator, None, job.norm, job.config.eval.batch_size)
             if job.val is not None
@@ -529,10 +542,18 @@ class Saver:
         if validate and self.denoiser is not None:
             psnr = validation_psnr(self.denoiser, self.job.val, carry.state)
             metrics = {BEST_METRIC: psnr}
-            self.writer.write_scalars(step, {"val/psnr": psnr})
-            say(f"step {step}: validation PSNR {psnr:.3f} dB on {self.job.val.name}")
+            scalars = {"val/psnr": psnr}
+            line = f"step {step}: validation PSNR {psnr:.3f} dB on {self.job.val.name}"
+            if self.window > 1:
+                self.recent = [*self.recent, psnr][-self.window :]
+                score = float(np.mean(self.recent))
+                metrics[SCORE_METRIC] = scalars["val/score"] = score
+                line += f" (mean of the last {len(self.recent)}: {score:.3f} dB)"
+            self.writer.write_scalars(step, scalars)
+            say(line)
         loop = _loop_item(carry, key, self.job.names)
-        self.ckpts.save(step, carry.state, loop, self.meta, metrics=metrics)
+        meta = dict(self.meta, val_recent=self.recent) if self.window > 1 else self.meta
+        self.ckpts.save(step, carry.state, loop, meta, metrics=metrics)
         self.last_saved = step
 
 

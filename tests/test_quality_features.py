@@ -13,6 +13,7 @@ from scipy import ndimage
 
 from clidim_jax import run as run_lib
 from clidim_jax import train as train_lib
+from clidim_jax.checkpointing import Checkpoints
 from clidim_jax.config_lib import ConfigError, validate
 from clidim_jax.data.normalization import NoiseModel, Normalization, fit_noise_model
 from clidim_jax.inference import DIHEDRAL, Denoiser, dihedral, dihedral_inverse
@@ -252,6 +253,43 @@ def test_evaluate_denoise_and_export_use_the_best_validated_checkpoint(tmp_path,
     assert meta["run"]["step"] == best
 
 
+def _val_lines(wd: str) -> dict[int, dict]:
+    with open(os.path.join(wd, "metrics.jsonl"), encoding="utf-8") as f:
+        return {r["step"]: r for r in map(json.loads, f) if "val/psnr" in r}
+
+
+def test_a_selection_window_chooses_by_the_mean_of_the_last_validations(tmp_path, tiny):
+    """checkpoint.select_window=3: each checkpoint's score is the mean of its validation PSNR
+    and the two before (recomputed here from the logged PSNRs), the best score chooses, and a
+    run stopped and resumed in the middle scores and chooses exactly as an uninterrupted one."""
+
+    def cfg(n_steps):
+        c = tiny("pixel")
+        c.data.val_fraction = 0.25
+        c.train.steps_per_epoch, c.train.n_epochs, c.train.n_epochs_decay = 1, n_steps, 0
+        c.checkpoint.every_steps, c.checkpoint.keep, c.checkpoint.select_window = 2, 1, 3
+        return c
+
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    train_lib.train(cfg(12), whole)
+    train_lib.train(cfg(6), parts)  # constant learning rate: a prefix of the 12-step run
+    train_lib.train(cfg(12), parts)
+    rows = _val_lines(whole)
+    assert sorted(rows) == [2, 4, 6, 8, 10, 12]
+    psnr = [rows[s]["val/psnr"] for s in sorted(rows)]
+    want = {s: float(np.mean(psnr[max(0, i - 2) : i + 1])) for i, s in enumerate(sorted(rows))}
+    for s, r in rows.items():
+        assert r["val/score"] == pytest.approx(want[s], abs=1e-9)
+    assert _val_lines(parts) == rows
+    kept = Checkpoints(whole, read_only=True, async_save=False).validation_scores()
+    assert kept and all(v == pytest.approx(want[s], abs=1e-9) for s, v in kept.items())
+    best = max(want, key=lambda s: (want[s], s))
+    for wd in (whole, parts):
+        restored = run_lib.restore_run(wd)
+        assert restored.step == best
+        assert "averaged over it and the 2 before" in restored.selected_by
+
+
 @pytest.mark.slow
 def test_a_run_without_validation_uses_its_final_state(tmp_path, tiny):
     c = tiny("pixel")
@@ -301,6 +339,8 @@ def test_validation_pairs_from_files(tmp_path, tiny):
         ("data.gain_augment", (2.0, 1.0), "gain_augment"),
         ("model.residual_sigma", 0.0, "residual_sigma"),
         ("data.synthetic_noise", "gaussian", "synthetic_noise"),
+        ("train.clip_grad_norm", -1.0, "clip_grad_norm"),
+        ("checkpoint.select_window", 0, "select_window"),
     ],
 )
 def test_new_config_values_are_validated(tiny, field, value, message):
