@@ -431,7 +431,7 @@ def denoiser_from_package(
     package's `scale_linear` pre-processing (a package clidim-jax exported also records its
     `Normalization`, which is the same map); a package whose pre-processing is anything else is
     refused with a clear error rather than run with a different normalisation."""
-    from clidim_jax.inference import Denoiser
+    from clidim_jax.inference import Denoiser, inference_settings
     from clidim_jax.onnx_export import OnnxGenerator
 
     try:
@@ -456,10 +456,8 @@ def denoiser_from_package(
             f"{path}: its pre-processing {[p.get('id') for p in pre]} is not one scale_linear; "
             "clidim-jax runs only packages whose intensity map it can reproduce"
         )
-    return Denoiser(
-        OnnxGenerator(weights), None, norm, batch_size or 4, tile=tile or 512, overlap=overlap,
-        tta=bool(tta),
-    )  # fmt: skip
+    given = dict(tile=tile, overlap=overlap, batch_size=batch_size, tta=tta)
+    return Denoiser(OnnxGenerator(weights), None, norm, **inference_settings(None, **given))
 
 
 # ------------------------------------------------------------------------- from a training run

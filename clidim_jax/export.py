@@ -37,7 +37,7 @@ import numpy as np
 
 from clidim_jax.data.normalization import Normalization
 from clidim_jax.data.tiff import DataError
-from clidim_jax.inference import Denoiser
+from clidim_jax.inference import Denoiser, inference_settings
 
 FORMAT = "clidim-jax-model"
 FORMAT_VERSION = 1
@@ -224,15 +224,8 @@ def denoiser_from_model(
     """A `Denoiser` running a model file; tiling and test-time-augmentation defaults are those
     stored at export."""
     generator, variables, norm, meta = load_model(path)
-    return Denoiser(
-        generator,
-        jax.device_put(variables),
-        norm,
-        batch_size or int(meta.get("batch_size", 4)),
-        tile=tile or int(meta.get("tile", 512)),
-        overlap=overlap if overlap is not None else meta.get("tile_overlap"),
-        tta=bool(meta.get("tta", False)) if tta is None else tta,
-    )
+    given = dict(tile=tile, overlap=overlap, batch_size=batch_size, tta=tta)
+    return Denoiser(generator, jax.device_put(variables), norm, **inference_settings(meta, **given))
 
 
 def export_run(
@@ -255,15 +248,15 @@ def export_run(
     variables = restored.variables
     exported = export_generator(nets.generator, variables, platforms=platforms)
     g = nets.generator
-    ev = config.eval
+    settings = inference_settings(config.eval)
     meta = {
         "depth": int(g.depth),
         "ngf": int(g.ngf),
         "norm_layer": str(g.norm),
-        "tile": int(ev.get("tile", 512)),
-        "tile_overlap": int(ev.get("tile_overlap", 0)) or None,
-        "batch_size": int(ev.batch_size),
-        "tta": bool(ev.get("tta", False)),
+        "tile": settings["tile"],
+        "tile_overlap": settings["overlap"],
+        "batch_size": settings["batch_size"],
+        "tta": settings["tta"],
         "run": {
             "workdir": os.path.abspath(workdir),
             "step": int(state.step),

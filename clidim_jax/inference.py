@@ -181,6 +181,23 @@ def dihedral_mean(f: Callable, x: Any) -> Any:
     return total / len(DIHEDRAL)
 
 
+def inference_settings(stored: Any = None, **given: Any) -> dict[str, Any]:
+    """`Denoiser` keyword arguments (batch_size, tile, overlap, tta): each one given (and not None
+    or 0), else the one stored with the model (a run's `eval` config, or a model file's metadata:
+    batch_size, tile, tile_overlap, tta), else the default (4, 512, a quarter tile, off)."""
+    stored = stored if stored is not None else {}
+    overlap = given.get("overlap")
+    tta = given.get("tta")
+    return {
+        "batch_size": int(given.get("batch_size") or stored.get("batch_size") or 4),
+        "tile": int(given.get("tile") or stored.get("tile") or 512),
+        "overlap": overlap
+        if overlap is not None
+        else (int(stored.get("tile_overlap") or 0) or None),
+        "tta": bool(stored.get("tta", False)) if tta is None else bool(tta),
+    }
+
+
 class Denoiser:
     """Runs G (eval mode) on images in original units.
 

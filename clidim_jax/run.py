@@ -20,7 +20,7 @@ import numpy as np
 from clidim_jax import config_lib
 from clidim_jax.checkpointing import Checkpoints, IncompatibleCheckpoint
 from clidim_jax.data import Normalization, PairedImages
-from clidim_jax.inference import Denoiser
+from clidim_jax.inference import Denoiser, inference_settings
 from clidim_jax.state import Networks, TrainState, build_networks, init_state
 
 
@@ -204,16 +204,8 @@ def make_denoiser(
     tta: bool | None = None,
 ) -> Denoiser:
     """G of a run as a `Denoiser`, with the run's `eval` settings unless given."""
-    ev = config.eval
-    return Denoiser(
-        nets.generator,
-        variables,
-        norm,
-        batch_size or ev.batch_size,
-        tile=int(tile or ev.get("tile", 512)),
-        overlap=overlap if overlap is not None else (int(ev.get("tile_overlap", 0)) or None),
-        tta=bool(ev.get("tta", False)) if tta is None else tta,
-    )
+    given = dict(tile=tile, overlap=overlap, batch_size=batch_size, tta=tta)
+    return Denoiser(nets.generator, variables, norm, **inference_settings(config.eval, **given))
 
 
 @dataclasses.dataclass

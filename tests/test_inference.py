@@ -12,6 +12,7 @@ from clidim_jax.data.normalization import Normalization
 from clidim_jax.inference import (
     Denoiser,
     Tiling,
+    inference_settings,
     pad_to_multiple,
     receptive_field,
     receptive_field_margin,
@@ -131,3 +132,15 @@ def test_denoiser_batches_and_per_image_normalisation():
     np.testing.assert_allclose(out2[0], out[0], rtol=1e-6)
     assert not np.allclose(out2[1], out[1])
     assert other.low <= out2[1].min() and out2[1].max() <= other.high
+
+
+def test_inference_settings_take_the_given_then_the_stored_then_the_defaults():
+    defaults = {"batch_size": 4, "tile": 512, "overlap": None, "tta": False}
+    assert inference_settings() == defaults
+    assert inference_settings({}, tile=None, overlap=None, batch_size=None, tta=None) == defaults
+    stored = {"batch_size": 2, "tile": 256, "tile_overlap": 64, "tta": True}
+    assert inference_settings(stored) == {"batch_size": 2, "tile": 256, "overlap": 64, "tta": True}
+    given = inference_settings(stored, batch_size=8, tile=128, overlap=32, tta=False)
+    assert given == {"batch_size": 8, "tile": 128, "overlap": 32, "tta": False}
+    # a stored overlap of 0 (the config's "a quarter tile") is the Tiling default, None
+    assert inference_settings({"tile_overlap": 0})["overlap"] is None
