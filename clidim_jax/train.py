@@ -406,9 +406,10 @@ def prepare(config: ml_collections.ConfigDict) -> Job:
 
 def resume_or_init(
     job: Job, ckpts: Checkpoints, workdir: str
-) -> tuple[LoopCarry, jax.Array, int, int | None]:
-    """(carry, key, start step, last logged step kept) from the workdir's latest readable
-    checkpoint, or a fresh state (start 0, None) when there is none."""
+) -> tuple[LoopCarry, jax.Array, int, int | None, list[float]]:
+    """(carry, key, start step, last logged step kept, the last validation PSNRs its
+    checkpoint kept for `checkpoint.select_window`) from the workdir's latest readable
+    checkpoint, or a fresh state (start 0, None, []) when there is none."""
     restored = ckpts.restore_latest(
         job.abstract_state,
         _abstract_loop_item,
@@ -424,6 +425,7 @@ def resume_or_init(
             0,
             None,
         )
+        recent = []
     else:
         for k, a, b in config_changes(restored.meta["config"], job.config):
             say(f"resuming with a changed config: {k} {a!r} -> {b!r}")
@@ -434,6 +436,7 @@ def resume_or_init(
         if restored.meta["metric_names"] != job.names:
             say("the logged metrics changed: the logging interval in progress starts afresh")
         start = int(restored.step)
+        recent = [float(x) for x in restored.meta.get("val_recent", [])]
         kept_until = start - (int(next(iter(sums.values()))["count"]) if sums else 0)
         dropped = keep_metric_lines(workdir, kept_until, start)
         say(
@@ -441,7 +444,8 @@ def resume_or_init(
             + (f" (dropped {dropped} metrics.jsonl lines written after it)" if dropped else "")
         )
     carry = _placed(LoopCarry(state, acc, jnp.int32(-1), jnp.int32(0)))
-    return carry, place(key, jax.tree.leaves(carry.state)[0].sharding), start, kept_until
+    key = place(key, jax.tree.leaves(carry.state)[0].sharding)
+    return carry, key, start, kept_until, recent
 
 
 def describe_run(
@@ -513,17 +517,22 @@ class Saver:
     last step saved, which error messages name."""
 
     def __init__(
-        self, job: Job, ckpts: Checkpoints, writer: MetricWriter, meta: dict, start: int | None
+        self,
+        job: Job,
+        ckpts: Checkpoints,
+        writer: MetricWriter,
+        meta: dict,
+        start: int | None,
+        recent: list[float] | None = None,
     ):
         self.job, self.ckpts, self.writer, self.meta = job, ckpts, writer, meta
         self.last_saved = start
         # checkpoint.select_window > 1: a checkpoint's score is the mean of its validation PSNR
-        # and the window - 1 before it. The last window's PSNRs go into each checkpoint's meta,
-        # so a resumed run scores as an uninterrupted one.
+        # and the window - 1 before it. The last window's PSNRs go into each checkpoint's meta
+        # (`recent`: those of the checkpoint resumed from), so a resumed run scores as an
+        # uninterrupted one.
         self.window = int(job.config.checkpoint.get("select_window", 1))
-        self.recent: list[float] = []
-        if start and self.window > 1:
-            self.recent = [float(x) for x in ckpts.read_meta(start).get("val_recent", [])]
+        self.recent: list[float] = list(recent or [])[-self.window :]
         self.denoiser = (
             Denoiser(job.nets.generator, None, job.norm, job.config.eval.batch_size)
             if job.val is not None
@@ -636,13 +645,13 @@ def _train(
     finished = False
     writer = None
     try:
-        carry, key, start, kept_until = resume_or_init(job, ckpts, workdir)
+        carry, key, start, kept_until, recent = resume_or_init(job, ckpts, workdir)
         writer = MetricWriter(workdir, purge_step=None if kept_until is None else kept_until + 1)
         meta = describe_run(job, workdir, carry.state, writer, start)
         loop_step = compiled_loop_step(
             job.config, job.nets, job.spe, job.norm, job.names, job.mesh, job.noise
         )
-        log, save = Logger(job, writer), Saver(job, ckpts, writer, meta, start or None)
+        log, save = Logger(job, writer), Saver(job, ckpts, writer, meta, start or None, recent)
         divergence, stopped_by, step = Divergence(), None, start
         if progress is not None:
             progress(step, num_steps)
