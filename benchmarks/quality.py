@@ -54,22 +54,35 @@ SIGMAS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 # ------------------------------------------------------------------------------------ the data
 
 
-def prepare(data: str, out: str) -> dict:
+def prepare(
+    data: str, out: str, fields: tuple[int, int, int, int] = (1, 2, 3, 4), average: int = 1
+) -> dict:
     """Writes the protocol's splits as paired TIFF folders under OUT/data (what a user would
-    give `clidim-jax train --config.data.source=paired`) and returns them in memory."""
+    give `clidim-jax train --config.data.source=paired`) and returns them in memory. `fields`:
+    the training, validation and two test fields of view (the protocol's 1, 2, 3, 4; another
+    order measures the same recipe trained on another field). `average` > 1 makes every noisy
+    image the float32 mean of that many consecutive frames: the same scenes with real noise
+    `average` times weaker in variance (and no longer integer), for as many images as the 50
+    frames give (training at most 16, validation 4)."""
     raw = {k: tifffile.imread(os.path.join(data, f"fov0{k}_raw.tif")) for k in (1, 2, 3, 4)}
     gt = {k: tifffile.imread(os.path.join(data, f"fov0{k}_gt.tif")) for k in (1, 2, 3, 4)}
+    if average > 1:
+        for k, r in raw.items():
+            n = len(r) // average
+            raw[k] = r[: n * average].reshape(n, average, *r.shape[1:]).mean(1, dtype=np.float32)
+    tr, va, t1, t2 = fields
     splits = {
-        "train": {"fov01": (raw[1][:16], gt[1])},
-        "val": {"fov02": (raw[2][:4], gt[2])},
-        "test": {"fov03": (raw[3], gt[3]), "fov04": (raw[4], gt[4])},
+        "train": {f"fov0{tr}": (raw[tr][:16], gt[tr])},
+        "val": {f"fov0{va}": (raw[va][:4], gt[va])},
+        "test": {f"fov0{t1}": (raw[t1], gt[t1]), f"fov0{t2}": (raw[t2], gt[t2])},
     }
     for split, fields in splits.items():
         for kind in ("noisy", "clean"):
             os.makedirs(os.path.join(out, "data", f"{split}_{kind}"), exist_ok=True)
         for name, (noisy, clean) in fields.items():
-            tifffile.imwrite(os.path.join(out, "data", f"{split}_noisy", f"{name}.tif"), noisy)
-            tifffile.imwrite(os.path.join(out, "data", f"{split}_clean", f"{name}.tif"), clean)
+            for kind, img in (("noisy", noisy), ("clean", clean)):
+                path = os.path.join(out, "data", f"{split}_{kind}", f"{name}.tif")
+                tifffile.imwrite(path, img, photometric="minisblack")  # (4 frames are not RGBA)
     return splits
 
 
@@ -340,13 +353,14 @@ def figure(path: str, test: list, preds: dict, index: int, box: tuple[int, int, 
         ax.set_title(f"{name}\n{p:.2f} dB" if p else name, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"{field}, frame {index % 50}, crop [{y}:{y + s}, {x}:{x + s}]", fontsize=10)
+    title = f"{field}, image {index - len(test) // 2}, crop [{y}:{y + s}, {x}:{x + s}]"
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def curve(path: str, rows: dict[str, dict], peers: dict[str, float]) -> None:
+def curve(path: str, rows: dict[str, dict], peers: dict[str, float], val_field: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -361,7 +375,7 @@ def curve(path: str, rows: dict[str, dict], peers: dict[str, float]) -> None:
         ax.axhline(p, ls="--", lw=1, color="gray")
         ax.text(0.02, p, name, fontsize=8, va="bottom", transform=ax.get_yaxis_transform())
     ax.set_xlabel("training wall time (min, 2-core CPU)")
-    ax.set_ylabel("validation PSNR (dB, field 2)")
+    ax.set_ylabel(f"validation PSNR (dB, {val_field})")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -383,7 +397,19 @@ def main() -> None:
     ap.add_argument("--care-minutes", type=float, default=10.0)
     ap.add_argument("--ablation-steps", type=int, default=500)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--fields", default="1,2,3,4",
+        help="training, validation and the two test fields of view (default: the protocol's); "
+        "another order checks that the recipe's margin is not a property of field 1",
+    )  # fmt: skip
+    ap.add_argument(
+        "--average", type=int, default=1,
+        help="noisy images = means of this many consecutive frames (real noise at a lower level)",
+    )  # fmt: skip
     args = ap.parse_args()
+    order = tuple(int(k) for k in args.fields.split(","))
+    if len(order) != 4 or sorted(order) != [1, 2, 3, 4]:
+        raise SystemExit(f"--fields must order the fields 1, 2, 3, 4, not {args.fields!r}")
     rows = args.rows.split(",")
     os.makedirs(args.out, exist_ok=True)
     res_path = os.path.join(args.out, "results.json")
@@ -391,10 +417,18 @@ def main() -> None:
     if os.path.exists(res_path):  # resume: keep rows already measured
         with open(res_path, encoding="utf-8") as f:
             results = json.load(f)
-    splits = prepare(args.data, args.out)
+    protocol = {"fields": list(order), "average": args.average}
+    done = {"fields": [1, 2, 3, 4], "average": 1, **results.get("protocol", {})}
+    if results and done != protocol:
+        raise SystemExit(
+            f"{res_path} holds rows measured with --fields {','.join(map(str, done['fields']))} "
+            f"--average {done['average']}; give another --out for another protocol"
+        )
+    results["protocol"] = protocol
+    splits = prepare(args.data, args.out, order, args.average)
     val, test = pairs(splits["val"]), pairs(splits["test"])
     fields = sorted(splits["test"])
-    shown_index = len(test) - 25  # the figure's image: field 4, frame 25
+    shown_index = len(test) - len(test) // 4  # the figure's image: the second test field's middle
     os.makedirs(os.path.join(args.out, "shown"), exist_ok=True)
 
     def save() -> None:
@@ -489,7 +523,7 @@ def main() -> None:
         figure(os.path.join(args.out, "figure.png"), test, shown, shown_index, box)
         curves = {k: v for k, v in results.items() if v.get("val_curve")}
         peers = {k: v["val_psnr"] for k, v in results.items() if "val_psnr" in v}
-        curve(os.path.join(args.out, "curve.png"), curves, peers)
+        curve(os.path.join(args.out, "curve.png"), curves, peers, next(iter(splits["val"])))
     with open(os.path.join(args.out, "table.md"), "w", encoding="utf-8") as f:
         f.write(table(results, fields))
     print(table(results, fields))
