@@ -214,6 +214,33 @@ def test_axes_from_metadata_and_explicit(tmp_path):
         load_datasets(c.data)
 
 
+@pytest.mark.parametrize("n, compression", [(3, None), (4, None), (4, "zlib")])
+def test_a_stack_of_3_or_4_planes_saved_as_rgb_planes_reads_as_planes_everywhere(
+    tmp_path, n, compression
+):
+    """tifffile's default for an (n, H, W) array with n = 3 or 4 is one page of n planar samples
+    marked RGB (axes SYX): training (read_tiff) and denoise (open_image, row by row)
+    both read it as n planes; an interleaved colour image (YXS) is refused by both alike."""
+    from clidim_jax.data.images import open_image
+    from clidim_jax.data.tiff import read_tiff
+
+    arr = np.random.default_rng(n).integers(0, 255, (n, 40, 72), dtype=np.uint8)
+    path = tmp_path / "stack.tif"
+    # (written explicitly: tifffile plans to change that default)
+    tifffile.imwrite(path, arr, photometric="rgb", planarconfig="separate", compression=compression)
+    assert tifffile.TiffFile(path).pages[0].photometric == tifffile.PHOTOMETRIC.RGB
+    np.testing.assert_array_equal(read_tiff(path), arr)
+    with open_image(str(path)) as img:
+        assert img.n_planes == n and img.plane_shape == (40, 72)
+        np.testing.assert_array_equal(np.stack([img.plane(i) for i in range(n)]), arr)
+        np.testing.assert_array_equal(img.rows(n - 1, 5, 9), arr[n - 1, 5:9])
+    rgb = tmp_path / "rgb.tif"
+    tifffile.imwrite(rgb, np.moveaxis(arr, 0, -1), photometric="rgb")
+    for read in (read_tiff, open_image):
+        with pytest.raises(DataError, match=r"rgb\.tif: a colour \(RGB\) image, axes YXS"):
+            read(str(rgb))
+
+
 def paired_folders(tmp_path, names=("a", "b")):
     """Noisy stacks with, per name, either one clean image or one clean image per frame; the
     clean value is an exact function of the noisy one where they pair (clean = noisy / 2 + 1)."""

@@ -90,7 +90,7 @@ def test_user_errors_are_one_line_and_never_overwrite(tmp_path, capsys):
     ]
     rgb = tmp_path / "rgb.tif"
     tifffile.imwrite(rgb, np.zeros((16, 16, 3), np.uint8), photometric="rgb")
-    cases.append(((rgb, tmp_path / "o2.tif"), "rgb.tif: expected a 2-D image or a stack"))
+    cases.append(((rgb, tmp_path / "o2.tif"), "rgb.tif: a colour (RGB) image, axes YXS"))
     i32 = tmp_path / "int32.tif"
     tifffile.imwrite(i32, np.zeros((16, 16), np.int32))
     cases.append(((i32, tmp_path / "o3.tif"), "int32.tif: unsupported pixel type int32"))

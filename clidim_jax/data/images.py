@@ -192,18 +192,25 @@ class TiffImage(Image):
         finally:
             log.setLevel(level)
         self._zarr = None
-        # Pages of several planes (planar samples: a channel axis) are fine, interleaved
-        # samples (YXS) and RGB are not.
+        # Pages of several planes (planar samples, SYX) are planes, as `read_tiff` (training)
+        # reads them: tifffile's default for a stack of 3 or 4 planes is such a page marked RGB.
+        # Interleaved samples (YXS: a colour image) are not planes.
+        if self.axes.endswith("S") and photometric == 2 and self.shape[-1] in (3, 4):
+            self.close()
+            raise DataError(
+                f"{path}: a colour (RGB) image, axes {self.axes}, shape {self.shape}: save one "
+                "channel as a greyscale TIFF"
+            )
         if (
             len(page_shape) < 2
             or len(self.shape) < 2
             or self.shape[-2:] != page_shape[-2:]
-            or (len(page_shape) > 2 and photometric == 2)
+            or self.axes.endswith("S")
         ):
             self.close()
             raise DataError(
                 f"{path}: expected a 2-D image or a stack of 2-D planes, got shape "
-                f"{self.shape} (axes {self.axes}; RGB or multi-sample pages are not supported)"
+                f"{self.shape} (axes {self.axes}; pages of interleaved samples are not supported)"
             )
         n_pages *= int(np.prod(page_shape[:-2], dtype=np.int64))
         if self.n_planes != n_pages and self._offset is None:
