@@ -76,10 +76,10 @@ def prepare(
         "val": {f"fov0{va}": (raw[va][:4], gt[va])},
         "test": {f"fov0{t1}": (raw[t1], gt[t1]), f"fov0{t2}": (raw[t2], gt[t2])},
     }
-    for split, fields in splits.items():
+    for split, by_field in splits.items():
         for kind in ("noisy", "clean"):
             os.makedirs(os.path.join(out, "data", f"{split}_{kind}"), exist_ok=True)
-        for name, (noisy, clean) in fields.items():
+        for name, (noisy, clean) in by_field.items():
             for kind, img in (("noisy", noisy), ("clean", clean)):
                 path = os.path.join(out, "data", f"{split}_{kind}", f"{name}.tif")
                 tifffile.imwrite(path, img, photometric="minisblack")  # (4 frames are not RGBA)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from clidim_jax.data.tiff import SUPPORTED_DTYPES, DataError
+from clidim_jax.data.tiff import SUPPORTED_DTYPES, DataError, check_not_colour
 
 ZARR_SUFFIX = ".zarr"
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -176,7 +176,6 @@ class TiffImage(Image):
             self.dtype = np.dtype(series.dtype)
             page_shape = tuple(series.keyframe.shape)
             n_pages = len(series)
-            photometric = int(series.keyframe.photometric)
             self.imagej = bool(self._tif.is_imagej)
             self.imagej_metadata = dict(self._tif.imagej_metadata or {})
             self.resolution, self.resolutionunit = _resolution(series.keyframe)
@@ -195,12 +194,11 @@ class TiffImage(Image):
         # Pages of several planes (planar samples, SYX) are planes, as `read_tiff` (training)
         # reads them: tifffile's default for a stack of 3 or 4 planes is such a page marked RGB.
         # Interleaved samples (YXS: a colour image) are not planes.
-        if self.axes.endswith("S") and photometric == 2 and self.shape[-1] in (3, 4):
+        try:
+            check_not_colour(path, self.axes, self.shape)
+        except DataError:
             self.close()
-            raise DataError(
-                f"{path}: a colour (RGB) image, axes {self.axes}, shape {self.shape}: save one "
-                "channel as a greyscale TIFF"
-            )
+            raise
         if (
             len(page_shape) < 2
             or len(self.shape) < 2

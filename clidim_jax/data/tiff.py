@@ -23,6 +23,16 @@ class DataError(ValueError):
     """A problem with the user's data, reported as one clear message (no traceback)."""
 
 
+def check_not_colour(path: str, axes: str, shape: tuple[int, ...]) -> None:
+    """Refuses a colour image, 3 or 4 samples or channels last (YXS / YXC), for both readers:
+    `read_tiff` and the lazy `images.TiffImage`."""
+    if len(shape) >= 3 and axes.endswith(("S", "C")) and shape[-1] in (3, 4):
+        raise DataError(
+            f"{path}: a colour (RGB) image, axes {axes}, shape {tuple(shape)}: save one channel "
+            "as a greyscale TIFF"
+        )
+
+
 def _planes(arr: np.ndarray, axes: str, path: str, source: str, channel: int = -1) -> np.ndarray:
     axes = axes.upper()
     if len(axes) != arr.ndim:
@@ -35,11 +45,7 @@ def _planes(arr: np.ndarray, axes: str, path: str, source: str, channel: int = -
     arr, axes = _pick_channel(arr, axes, path, channel)
     while len(axes) > 2 and axes[-1] in "SC" and arr.shape[-1] == 1:
         arr, axes = arr[..., 0], axes[:-1]  # a trailing single sample/channel (YXS with S=1)
-    if arr.ndim >= 3 and axes.endswith(("S", "C")) and arr.shape[-1] in (3, 4):
-        raise DataError(
-            f"{path}: a colour (RGB) image, axes {axes}, shape {arr.shape}: save one channel "
-            "as a greyscale TIFF"
-        )
+    check_not_colour(path, axes, arr.shape)
     if not axes.endswith("YX"):
         raise DataError(
             f"{path}: not a 2-D image or a stack of 2-D planes: axes {axes} ({source}), shape "
