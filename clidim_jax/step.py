@@ -262,14 +262,21 @@ def empirical_residual(key: jax.Array, clean: jax.Array, noise: Any) -> jax.Arra
 
 
 def synthesize_noisy(
-    key: jax.Array, clean: jax.Array, noise: Any, gain_range: tuple[float, float], integer: bool
+    key: jax.Array,
+    clean: jax.Array,
+    noise: Any,
+    gain_range: tuple[float, float],
+    integer: bool,
+    top: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """New noisy images for clean ones brightened or dimmed by a random gain (log-uniform in
     `gain_range`, one per image), drawn from the fitted Poisson-Gaussian model Var = gain_n x +
     offset: x = gain_n (P + d) + N(0, s^2), P ~ Poisson, with s^2 = offset (offset >= 0) or a
     dark level d = -offset / gain_n^2 (offset < 0), or with `noise.empirical` from the measured
     distribution (`empirical_residual`); with `noise.corr`, spatially correlated
-    (`correlate_noise`). Rounded (and kept >= 0) for integer data.
+    (`correlate_noise`). Rounded (and kept >= 0) for integer data, and kept <= `top` (the
+    largest value the data type holds: a detector saturates there, so no real input exceeds it,
+    though a brightened clean crop plus its noise can).
     Physically right at any brightness, unlike scaling a measured noisy image."""
     k_g, k_p, k_n = jax.random.split(key, 3)
     lo, hi = (float(g) for g in gain_range)
@@ -290,6 +297,8 @@ def synthesize_noisy(
         noisy = clean + correlate_noise(noisy - clean, tuple(float(r) for r in noise.corr))
     if integer:
         noisy = jnp.maximum(jnp.round(noisy), 0.0)
+    if top is not None:
+        noisy = jnp.minimum(noisy, top)
     return noisy, clean
 
 
@@ -339,8 +348,9 @@ def make_sampled_train_step(
         if n_syn > 0:
             k_syn = jax.random.fold_in(jax.random.fold_in(k_data, state.step), 0x5E7)
             integer = jnp.issubdtype(data["noisy"].dtype, jnp.integer)
+            top = float(jnp.iinfo(data["noisy"].dtype).max) if integer else None
             syn_noisy, syn_clean = synthesize_noisy(
-                k_syn, clean[:n_syn], noise, tuple(config.data.synthetic_gain), integer
+                k_syn, clean[:n_syn], noise, tuple(config.data.synthetic_gain), integer, top
             )
             noisy = jnp.concatenate([syn_noisy, noisy[n_syn:]], 0)
             clean = jnp.concatenate([syn_clean, clean[n_syn:]], 0)

@@ -425,6 +425,43 @@ def test_synthetic_noise_follows_the_fitted_model(offset):
     assert (n == np.round(n)).all() and n.min() >= 0
 
 
+def test_synthetic_inputs_saturate_where_the_data_type_does(tmp_path, monkeypatch):
+    """A brightened clean crop plus its noise can exceed what the detector records; no real
+    8-bit input exceeds 255, so neither does a synthetic one (and float data is not bounded)."""
+    from clidim_jax.configs import own_data
+
+    from clidim_jax import step as step_mod
+
+    model = NoiseModel(gain=3.0, offset=0.0)
+    clean = jnp.full((16, 32, 32, 1), 200.0, jnp.float32)  # times 1.6: 320, far above 255
+    free, _ = step_mod.synthesize_noisy(jax.random.key(9), clean, model, (1.6, 1.6), True)
+    capped, _ = step_mod.synthesize_noisy(jax.random.key(9), clean, model, (1.6, 1.6), True, 255.0)
+    free, capped = np.asarray(free), np.asarray(capped)
+    assert free.max() > 300 and capped.max() == 255.0
+    np.testing.assert_array_equal(capped, np.minimum(free, 255.0))  # the same draw, clipped
+    # Training passes the stored data type's maximum: 255 for uint8, none for float32.
+    rng = np.random.default_rng(12)
+    base = np.repeat(np.linspace(20, 200, 96)[None, :], 64, 0)
+    seen = []
+    real = step_mod.synthesize_noisy
+    for dtype, expected in ((np.uint8, 255.0), (np.float32, None)):
+        frames = np.clip(np.round(base + rng.normal(0, 8, (16, 64, 96))), 0, 255).astype(dtype)
+        tifffile.imwrite(tmp_path / "stack.tif", frames)
+        c = own_data.get_config("tiny")
+        c.data.source, c.data.path = "stack", str(tmp_path / "stack.tif")
+        job = train_lib.prepare(c)
+        seen.clear()
+
+        def spy(*args, **kwargs):
+            seen.append(args[5] if len(args) > 5 else kwargs.get("top"))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(step_mod, "synthesize_noisy", spy)
+        fn = step_mod.make_sampled_train_step(c, job.nets, job.spe, job.norm, noise=job.noise)
+        jax.eval_shape(fn, job.abstract_state, job.data, job.train_key)  # traces: calls spy
+        assert seen == [expected]
+
+
 def test_noise_that_does_not_grow_gives_a_constant_model_for_synthesis():
     from clidim_jax.step import synthesize_noisy
 
