@@ -60,7 +60,10 @@ def prepare(
     """Writes the protocol's splits as paired TIFF folders under OUT/data (what a user would
     give `clidim-jax train --config.data.source=paired`) and returns them in memory. `fields`:
     the training, validation and two test fields of view (the protocol's 1, 2, 3, 4; another
-    order measures the same recipe trained on another field). `average` > 1 makes every noisy
+    order measures the same recipe trained on another field). A test field may be the training
+    field: it is then tested on its frames after those training takes (never trained on), which
+    measures what training on the test field's own ground truth would give. `average` > 1 makes
+    every noisy
     image the float32 mean of that many consecutive frames: the same scenes with real noise
     `average` times weaker in variance (and no longer integer), for as many images as the 50
     frames give (training at most 16, validation 4)."""
@@ -71,10 +74,17 @@ def prepare(
             n = len(r) // average
             raw[k] = r[: n * average].reshape(n, average, *r.shape[1:]).mean(1, dtype=np.float32)
     tr, va, t1, t2 = fields
+    n_train = min(16, len(raw[tr]))
+
+    def tested(k: int) -> np.ndarray:  # the training field: only the frames it does not train on
+        if k == tr and n_train == len(raw[k]):
+            raise SystemExit(f"field {k} trains on all its {n_train} images: none left to test on")
+        return raw[k][n_train:] if k == tr else raw[k]
+
     splits = {
-        "train": {f"fov0{tr}": (raw[tr][:16], gt[tr])},
+        "train": {f"fov0{tr}": (raw[tr][:n_train], gt[tr])},
         "val": {f"fov0{va}": (raw[va][:4], gt[va])},
-        "test": {f"fov0{t1}": (raw[t1], gt[t1]), f"fov0{t2}": (raw[t2], gt[t2])},
+        "test": {f"fov0{t1}": (tested(t1), gt[t1]), f"fov0{t2}": (tested(t2), gt[t2])},
     }
     for split, by_field in splits.items():
         for kind in ("noisy", "clean"):
@@ -84,6 +94,24 @@ def prepare(
                 path = os.path.join(out, "data", f"{split}_{kind}", f"{name}.tif")
                 tifffile.imwrite(path, img, photometric="minisblack")  # (4 frames are not RGBA)
     return splits
+
+
+def parse_fields(text: str) -> tuple[int, int, int, int]:
+    """`--fields T,V,A,B`: four of the fields 1-4, the two test fields different, validation on
+    a field used for nothing else; a test field may be the training field (`prepare`)."""
+    try:
+        order = tuple(int(k) for k in text.split(","))
+    except ValueError:
+        order = ()
+    if len(order) != 4 or not set(order) <= {1, 2, 3, 4}:
+        raise SystemExit(f"--fields must name four of the fields 1, 2, 3, 4, not {text!r}")
+    tr, va, t1, t2 = order
+    if t1 == t2 or va in (tr, t1, t2):
+        raise SystemExit(
+            f"--fields {text}: the two test fields must differ, and the validation field must be "
+            "used for nothing else (a test field may be the training field)"
+        )
+    return order
 
 
 def pairs(fields: dict) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -400,16 +428,15 @@ def main() -> None:
     ap.add_argument(
         "--fields", default="1,2,3,4",
         help="training, validation and the two test fields of view (default: the protocol's); "
-        "another order checks that the recipe's margin is not a property of field 1",
+        "another order checks that the recipe's margin is not a property of field 1; a test "
+        "field equal to the training field is tested on its frames after the training ones",
     )  # fmt: skip
     ap.add_argument(
         "--average", type=int, default=1,
         help="noisy images = means of this many consecutive frames (real noise at a lower level)",
     )  # fmt: skip
     args = ap.parse_args()
-    order = tuple(int(k) for k in args.fields.split(","))
-    if len(order) != 4 or sorted(order) != [1, 2, 3, 4]:
-        raise SystemExit(f"--fields must order the fields 1, 2, 3, 4, not {args.fields!r}")
+    order = parse_fields(args.fields)
     rows = args.rows.split(",")
     os.makedirs(args.out, exist_ok=True)
     res_path = os.path.join(args.out, "results.json")

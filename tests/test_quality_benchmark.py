@@ -1,5 +1,6 @@
 """The quality benchmark's splits (benchmarks/quality.py): which frames of which field of view
-each split gets, in the protocol's order, in another order, and as means of frames."""
+each split gets, in the protocol's order, in another order, as means of frames, and with the
+training field also tested (on its frames after the training ones)."""
 
 import importlib.util
 import os
@@ -64,3 +65,28 @@ def test_another_order_and_means_of_frames(quality, fields, tmp_path):
     on_disk = tifffile.imread(tmp_path / "out" / "data" / "test_noisy" / "fov01.tif")
     assert on_disk.dtype == np.float32 and on_disk.shape == (12, 8, 12)
     np.testing.assert_array_equal(on_disk[:, 0, 0], [11.5 + 4 * i for i in range(12)])
+
+
+def test_the_training_field_tested_on_the_frames_it_does_not_train_on(quality, fields, tmp_path):
+    s = quality.prepare(fields, str(tmp_path / "out"), (3, 2, 3, 4))
+    assert list(s["train"]) == ["fov03"] and sorted(s["test"]) == ["fov03", "fov04"]
+    assert _frames(s["train"], "fov03") == [30.0 + t for t in range(16)]
+    assert _frames(s["test"], "fov03") == [30.0 + t for t in range(16, 50)]  # none trained on
+    assert _frames(s["test"], "fov04") == [40.0 + t for t in range(50)]
+    # Means of 4 frames: 12 images, all of which training takes.
+    with pytest.raises(SystemExit, match="field 3 trains on all its 12 images"):
+        quality.prepare(fields, str(tmp_path / "out2"), (3, 2, 3, 4), average=4)
+
+
+@pytest.mark.parametrize(
+    "text, ok",
+    [("1,2,3,4", True), ("4,3,1,2", True), ("3,2,3,4", True), ("3,2,4,3", True),
+     ("1,2,3,3", False), ("1,1,3,4", False), ("3,3,3,4", False), ("1,2,3", False),
+     ("1,2,3,5", False), ("a,b,c,d", False), ("1,1,2,2", False)],
+)  # fmt: skip
+def test_fields_argument(quality, text, ok):
+    if ok:
+        assert quality.parse_fields(text) == tuple(int(k) for k in text.split(","))
+    else:
+        with pytest.raises(SystemExit, match="--fields"):
+            quality.parse_fields(text)
