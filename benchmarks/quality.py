@@ -374,16 +374,17 @@ def figure(path: str, test: list, preds: dict, index: int, box: tuple[int, int, 
     y, x, s = box
     panels = [("noisy", noisy)] + [(k, v[index]) for k, v in preds.items()] + [("ground truth", gt)]
     vmin, vmax = np.percentile(gt, (0.5, 99.8))
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.0))
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.3))
     for ax, (name, img) in zip(axes, panels):
         ax.imshow(img[y : y + s, x : x + s], cmap="magma", vmin=vmin, vmax=vmax)
         p = metrics.psnr(gt, img) if name != "ground truth" else None
         ax.set_title(f"{name}\n{p:.2f} dB" if p else name, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    title = f"{field}, image {index - len(test) // 2}, crop [{y}:{y + s}, {x}:{x + s}]"
+    k = sum(f == field for f, _, _ in test[:index])  # its place among its field's test images
+    title = f"{field}, test image {k}, crop [{y}:{y + s}, {x}:{x + s}]"
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.92))  # room for the title above the panels' own
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

@@ -14,7 +14,7 @@ What differs from the paper's pix2pix setting, each chosen on validation data in
   `variant=pixel`), no BatchNorm, learning rate 1e-3, 3000 steps, each gradient bounded to a
   global norm of 2 (`train.clip_grad_norm`: about 7 times the usual norm, so only a runaway
   gradient is cut, which would otherwise stall Adam for the rest of the run).
-A 6-level U-Net with 32 base channels on 64x64 crops trains in about 4 minutes on 2 CPU cores.
+A 6-level U-Net with 32 base channels on 64x64 crops trains in 4 to 6 minutes on 2 CPU cores.
 Validation data (`data.val_noisy_path` / `val_clean_path`, else the right 10 % of the training
 region's columns) chooses the checkpoint that evaluate, denoise and export use: the best mean
 validation PSNR over 3 consecutive saves (`checkpoint.select_window`), so one lucky
@@ -57,7 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.lr = 1e-3
     c.train.b1 = 0.9
     c.train.steps_per_epoch = 10
-    c.train.n_epochs = 150  # 3000 steps: about 4 minutes on 2 CPU cores
+    c.train.n_epochs = 150  # 3000 steps: 4 to 6 minutes on 2 CPU cores
     c.train.n_epochs_decay = 150
     c.train.log_every = 100
     c.train.clip_grad_norm = 2.0  # about 7 times the usual norm: only a runaway step is cut
