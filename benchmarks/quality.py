@@ -63,10 +63,9 @@ def prepare(
     order measures the same recipe trained on another field). A test field may be the training
     field: it is then tested on its frames after those training takes (never trained on), which
     measures what training on the test field's own ground truth would give. `average` > 1 makes
-    every noisy
-    image the float32 mean of that many consecutive frames: the same scenes with real noise
-    `average` times weaker in variance (and no longer integer), for as many images as the 50
-    frames give (training at most 16, validation 4)."""
+    every noisy image the float32 mean of that many consecutive frames: the same scenes with
+    real noise `average` times weaker in variance (and no longer integer), for as many images as
+    the 50 frames give (training at most 16, validation 4)."""
     raw = {k: tifffile.imread(os.path.join(data, f"fov0{k}_raw.tif")) for k in (1, 2, 3, 4)}
     gt = {k: tifffile.imread(os.path.join(data, f"fov0{k}_gt.tif")) for k in (1, 2, 3, 4)}
     if average > 1:

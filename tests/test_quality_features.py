@@ -444,6 +444,12 @@ def test_synthetic_inputs_saturate_where_the_data_type_does(tmp_path, monkeypatc
     base = np.repeat(np.linspace(20, 200, 96)[None, :], 64, 0)
     seen = []
     real = step_mod.synthesize_noisy
+
+    def spy(*args, **kwargs):
+        seen.append(args[5] if len(args) > 5 else kwargs.get("top"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(step_mod, "synthesize_noisy", spy)
     for dtype, expected in ((np.uint8, 255.0), (np.float32, None)):
         frames = np.clip(np.round(base + rng.normal(0, 8, (16, 64, 96))), 0, 255).astype(dtype)
         tifffile.imwrite(tmp_path / "stack.tif", frames)
@@ -451,12 +457,6 @@ def test_synthetic_inputs_saturate_where_the_data_type_does(tmp_path, monkeypatc
         c.data.source, c.data.path = "stack", str(tmp_path / "stack.tif")
         job = train_lib.prepare(c)
         seen.clear()
-
-        def spy(*args, **kwargs):
-            seen.append(args[5] if len(args) > 5 else kwargs.get("top"))
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(step_mod, "synthesize_noisy", spy)
         fn = step_mod.make_sampled_train_step(c, job.nets, job.spe, job.norm, noise=job.noise)
         jax.eval_shape(fn, job.abstract_state, job.data, job.train_key)  # traces: calls spy
         assert seen == [expected]
